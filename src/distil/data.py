@@ -1,0 +1,285 @@
+"""Data sources and splits. Every source returns in-memory tensors; splits are deterministic from a seed.
+
+Sources (`SOURCES`): `mnist1d` (generated offline, with a generated transfer set), `digits`
+(scikit-learn, small, for tests), `npz`, `imagefolder`, `csv`. Normalisation statistics come
+from the training split only. Transfer-set samples carry the label -1 (`UNLABELED`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distil.errors import DataError
+from distil.losses import UNLABELED
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor  # (N, *input_shape) float32
+    y: torch.Tensor  # (N,) int64; -1 = unlabeled
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+    transfer: torch.Tensor | None  # (M, *input_shape), unlabeled
+    num_classes: int
+    input_shape: tuple[int, ...]
+    class_names: list[str]
+
+    def with_transfer(self) -> Split:
+        """The labelled training split followed by the transfer set, labelled -1."""
+        if self.transfer is None or len(self.transfer) == 0:
+            return self.train
+        unlabeled = torch.full((len(self.transfer),), UNLABELED, dtype=torch.long)
+        return Split(torch.cat([self.train.x, self.transfer]), torch.cat([self.train.y, unlabeled]))
+
+
+@dataclass(frozen=True)
+class RawData:
+    """What a source gives before splitting; `x_test` is None when the source has no fixed test split."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+    transfer: np.ndarray | None = None
+    class_names: list[str] | None = None
+
+
+# --- sources ----------------------------------------------------------------------------------
+
+
+def mnist1d(num_samples: int = 5000, seed: int = 42, transfer_size: int = 0, transfer_seed: int = 1,
+            cache: bool = True) -> RawData:
+    """MNIST-1D (Greydanus 2020) generated with `mnist1d.data.make_dataset`, no download.
+
+    The published split is kept: the first 80% train, the last 20% test. The transfer set is
+    generated with `transfer_seed` in chunks on all cores (forked workers: numpy only) and cached under $DISTIL_CACHE
+    (default ~/.cache/distil).
+    """
+    key = json.dumps([num_samples, seed, transfer_size, transfer_seed])
+    path = _cache_dir() / f"mnist1d-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+    if cache and path.is_file():
+        with np.load(path) as f:
+            return RawData(f["x"], f["y"], f["x_test"], f["y_test"], f["transfer"] if transfer_size else None)
+    chunks = [(num_samples, seed, 0.8)]
+    per_chunk = 12500
+    for i in range(0, transfer_size, per_chunk):
+        chunks.append((min(per_chunk, transfer_size - i), transfer_seed * 1000 + i // per_chunk, 1.0))
+    if len(chunks) > 1:
+        with ProcessPoolExecutor(max_workers=min(len(chunks), os.cpu_count() or 1),
+                                 mp_context=get_context("fork")) as pool:
+            parts = list(pool.map(_mnist1d_chunk, chunks))
+    else:
+        parts = [_mnist1d_chunk(chunks[0])]
+    main = parts[0]  # (N, 40) signals -> (N, 1, 40): one channel
+    transfer = np.concatenate([p["x"] for p in parts[1:]])[:, None] if transfer_size else np.zeros((0, 1, 40))
+    data = RawData(main["x"][:, None], main["y"], main["x_test"][:, None], main["y_test"],
+                   transfer if transfer_size else None)
+    if cache:
+        _save_cache(path, data, transfer)
+    return data
+
+
+def _mnist1d_chunk(spec: tuple[int, int, float]) -> dict:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    num_samples, seed, train_split = spec
+    args = get_dataset_args()
+    args.num_samples, args.seed, args.train_split = num_samples, seed, train_split
+    state = np.random.get_state()  # make_dataset reseeds numpy's global generator
+    data = make_dataset(args)
+    np.random.set_state(state)
+    return {k: data[k] for k in ("x", "y", "x_test", "y_test")}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("DISTIL_CACHE", Path.home() / ".cache" / "distil"))
+
+
+def _save_cache(path: Path, data: RawData, transfer: np.ndarray) -> None:
+    from distil.checkpoint import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, x=data.x, y=data.y, x_test=data.x_test, y_test=data.y_test, transfer=transfer)
+
+    try:
+        atomic_write(path, write)
+    except OSError:
+        pass  # a cache we cannot write only costs time
+
+
+def digits() -> RawData:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), as (1, 8, 8) images."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return RawData(data.images[:, None].astype(np.float32), data.target, class_names=[str(c) for c in range(10)])
+
+
+def npz(path: str, transfer_path: str | None = None, x_key: str = "x", y_key: str = "y") -> RawData:
+    """Arrays in a `.npz` file: `x` (N, ...) and `y` (N,); `x_test`/`y_test` used as the test split if present."""
+    with _open_npz(path) as f:
+        for key in (x_key, y_key):
+            if key not in f:
+                raise DataError(f"{path} has no array '{key}' (it has {sorted(f.files)}). Set data.args.x_key/y_key.")
+        test = (f["x_test"], f["y_test"]) if "x_test" in f and "y_test" in f else (None, None)
+        x, y = f[x_key], f[y_key]
+    transfer = None
+    if transfer_path:
+        with _open_npz(transfer_path) as f:
+            transfer = f[x_key] if x_key in f else f[f.files[0]]
+    return RawData(x, y, *test, transfer=transfer)
+
+
+def _open_npz(path: str):
+    if not Path(path).is_file():
+        raise DataError(f"data file not found: {path}. Check data.args.path (relative paths start at the current folder).")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise DataError(f"cannot read {path} as .npz: {err}") from err
+
+
+def imagefolder(path: str, image_size: int = 32, grayscale: bool = False, transfer_path: str | None = None) -> RawData:
+    """A folder of class folders of images (`path/<class>/*.png`), read with Pillow and resized."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {path}. Expected path/<class name>/<image files>.")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{path} holds no class folders. Expected path/<class name>/<image files>.")
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        for file in sorted((root / name).iterdir()):
+            xs.append(_read_image(file, image_size, grayscale))
+            ys.append(label)
+    transfer = None
+    if transfer_path:
+        files = sorted(p for p in Path(transfer_path).rglob("*") if p.is_file())
+        transfer = np.stack([_read_image(f, image_size, grayscale) for f in files]) if files else None
+    return RawData(np.stack(xs) if xs else np.zeros((0, 1)), np.array(ys), transfer=transfer, class_names=classes)
+
+
+def _read_image(file: Path, size: int, grayscale: bool) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as img:
+            img = img.convert("L" if grayscale else "RGB").resize((size, size))
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"cannot read image {file}: {err}") from err
+    return arr[None] if grayscale else arr.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
+
+
+def csv(path: str, label: str = "label", transfer_path: str | None = None) -> RawData:
+    """A CSV table with a header; `label` names the class column, every other column is a numeric feature."""
+    x, y, names = _read_csv(path, label)
+    transfer = _read_csv(transfer_path, None)[0] if transfer_path else None
+    return RawData(x, y, transfer=transfer, class_names=names)
+
+
+def _read_csv(path: str, label: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    import csv as csvlib
+
+    if not Path(path).is_file():
+        raise DataError(f"CSV file not found: {path}. Check data.args.path.")
+    with open(path, newline="") as f:
+        rows = list(csvlib.reader(f))
+    if len(rows) < 2:
+        raise DataError(f"{path} has no data rows (a header line and at least one row are needed)")
+    header, body = rows[0], rows[1:]
+    if label is not None and label not in header:
+        raise DataError(f"{path} has no column '{label}' (columns: {header}). Set data.args.label.")
+    col = header.index(label) if label is not None else None
+    features = [[v for i, v in enumerate(r) if i != col] for r in body]
+    try:
+        x = np.array(features, dtype=np.float32)
+    except ValueError as err:
+        raise DataError(f"{path}: feature columns must be numeric ({err})") from err
+    if col is None:
+        return x, np.zeros(0), []
+    names = sorted({r[col] for r in body})
+    y = np.array([names.index(r[col]) for r in body])
+    return x, y, names
+
+
+SOURCES = {"mnist1d": mnist1d, "digits": digits, "npz": npz, "imagefolder": imagefolder, "csv": csv}
+
+
+# --- splitting --------------------------------------------------------------------------------
+
+
+def load_splits(source: str, args: dict, seed: int = 0, val_fraction: float = 0.1,
+                test_fraction: float = 0.2) -> Splits:
+    """Run a source, then split (deterministically from `seed`) and normalise with train statistics."""
+    from distil.recipe import bind_kwargs
+
+    if source not in SOURCES:
+        from distil.errors import did_you_mean
+
+        raise DataError(f"unknown data source '{source}'." + did_you_mean(source, SOURCES))
+    raw = SOURCES[source](**bind_kwargs(SOURCES[source], args, f"data.args (source '{source}')"))
+    return make_splits(raw, seed, val_fraction, test_fraction)
+
+
+def make_splits(raw: RawData, seed: int, val_fraction: float, test_fraction: float) -> Splits:
+    x, y = np.asarray(raw.x, dtype=np.float32), np.asarray(raw.y).astype(np.int64)
+    if len(x) == 0:
+        raise DataError("the data set is empty: the source returned no samples")
+    if len(x) != len(y):
+        raise DataError(f"x has {len(x)} samples but y has {len(y)}: they must match")
+    rng = np.random.default_rng(seed)
+    if raw.x_test is None:
+        x, y, x_test, y_test = _hold_out(x, y, test_fraction, rng)
+    else:
+        x_test, y_test = np.asarray(raw.x_test, dtype=np.float32), np.asarray(raw.y_test).astype(np.int64)
+    x, y, x_val, y_val = _hold_out(x, y, val_fraction, rng)
+    if len(x) == 0 or len(x_test) == 0:
+        raise DataError(f"too few samples ({len(raw.x)}) to split into train/val/test; give more data")
+    mean, std = _stats(x)
+    norm = lambda a: torch.from_numpy((a - mean) / std).float()  # noqa: E731
+    num_classes = int(max(y.max(), y_test.max())) + 1
+    transfer = norm(np.asarray(raw.transfer, dtype=np.float32)) if raw.transfer is not None else None
+    if transfer is not None and transfer.shape[1:] != x.shape[1:]:
+        raise DataError(f"the transfer set's samples have shape {list(transfer.shape[1:])}, "
+                        f"the labelled data's {list(x.shape[1:])}: they must match")
+    names = raw.class_names or [str(c) for c in range(num_classes)]
+    return Splits(Split(norm(x), torch.from_numpy(y)), Split(norm(x_val), torch.from_numpy(y_val)),
+                  Split(norm(x_test), torch.from_numpy(y_test)), transfer, num_classes, tuple(x.shape[1:]), names)
+
+
+def _hold_out(x: np.ndarray, y: np.ndarray, fraction: float, rng: np.random.Generator):
+    """Split off `fraction` of the samples, stratified by class. Returns (x_rest, y_rest, x_out, y_out)."""
+    out = []
+    for label in np.unique(y):
+        idx = np.flatnonzero(y == label)
+        rng.shuffle(idx)
+        out.extend(idx[: int(round(len(idx) * fraction))])
+    mask = np.zeros(len(y), dtype=bool)
+    mask[out] = True
+    return x[~mask], y[~mask], x[mask], y[mask]
+
+
+def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature statistics for tabular (N, D) data, per-channel for (N, C, ...)."""
+    axes = (0,) if x.ndim == 2 else (0, *range(2, x.ndim))
+    mean, std = x.mean(axis=axes, keepdims=True), x.std(axis=axes, keepdims=True)
+    return mean[0], np.where(std[0] > 1e-8, std[0], 1.0)

@@ -1,0 +1,77 @@
+"""Building models from names: our zoo, the user's `package.module:factory`, or timm/torchvision when installed."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+
+from torch import nn
+
+from distil.errors import ModelError, did_you_mean
+from distil.models.zoo import MODELS
+
+__all__ = ["MODELS", "build_model", "count_params", "resolve_factory"]
+
+
+def resolve_factory(name: str) -> Callable[..., nn.Module]:
+    """A zoo name, `package.module:factory`, `timm:NAME` or `torchvision:NAME` -> a callable."""
+    if name in MODELS:
+        return MODELS[name]
+    if name.startswith(("timm:", "torchvision:")):
+        return _hub_factory(*name.split(":", 1))
+    if ":" in name:
+        module_name, attr = name.split(":", 1)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ModelError(f"cannot import module '{module_name}' for model '{name}': {err}. "
+                             "Is it on PYTHONPATH (run from its folder, or pip install it)?") from err
+        if not hasattr(module, attr):
+            raise ModelError(f"module '{module_name}' has no '{attr}'." + did_you_mean(attr, dir(module)))
+        return getattr(module, attr)
+    raise ModelError(f"unknown model '{name}'." + did_you_mean(name, MODELS)
+                     + " Or give your own as 'package.module:factory'.")
+
+
+def _hub_factory(hub: str, arch: str) -> Callable[..., nn.Module]:
+    try:
+        lib = importlib.import_module(hub)
+    except ImportError as err:
+        raise ModelError(f"model '{hub}:{arch}' needs the optional package '{hub}': pip install {hub}") from err
+
+    def factory(input_shape: tuple[int, ...], num_classes: int, **kwargs) -> nn.Module:
+        if hub == "timm":
+            return lib.create_model(arch, num_classes=num_classes, in_chans=input_shape[0], **kwargs)
+        return getattr(lib.models, arch)(num_classes=num_classes, **kwargs)
+
+    return factory
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **knobs) -> nn.Module:
+    """Build a model; zoo factories get `(input_shape, num_classes, **knobs)`.
+
+    A user factory gets `input_shape` and `num_classes` only if its signature names them.
+    Unknown knobs are an error naming the allowed ones.
+    """
+    factory = resolve_factory(name)
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    allowed = [p for p in params if p not in ("input_shape", "num_classes")]
+    unknown = [k for k in knobs if k not in params and not takes_any]
+    if unknown:
+        raise ModelError(f"model '{name}' has no option {unknown[0]!r}; allowed: {allowed}."
+                         + did_you_mean(unknown[0], allowed))
+    given = {"input_shape": tuple(input_shape), "num_classes": num_classes}
+    kwargs = {k: v for k, v in given.items() if k in params}
+    try:
+        model = factory(**kwargs, **knobs)
+    except TypeError as err:
+        raise ModelError(f"cannot build model '{name}' with {knobs}: {err}") from err
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"factory '{name}' returned {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,186 @@
+"""Recipes: pydantic models, one per section, every field defaulted, unknown keys rejected.
+
+A recipe names data, teacher, student, distillation terms and training settings. Config stops
+here: builders turn it into flat typed arguments (`TrainConfig`, loss-term constructors,
+model factories). YAML is read with `safe_load` only.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from distil.errors import DistilError, RecipeError, did_you_mean
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainSection(_Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
+    step_size: int = Field(30, ge=1)
+    gamma: float = Field(0.1, gt=0)
+    patience: int | None = Field(None, ge=1)
+
+
+class DataSection(_Section):
+    source: str = "mnist1d"
+    args: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the source function
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # used only when the source has no test split
+
+
+class ModelSection(BaseModel):
+    """`model` is a zoo name or 'package.module:factory'; any other key is a knob of that factory."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = "mlp"
+    checkpoint: str | None = None  # load these weights instead of training (teacher only)
+    train: TrainSection = Field(default_factory=TrainSection)
+
+    def knobs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DistillSection(_Section):
+    terms: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"kind": "kd", "weight": 0.9, "T": 4.0}, {"kind": "ce", "weight": 0.1}])
+    use_transfer: bool = True  # add the source's unlabeled transfer set to the training split
+    train: TrainSection = Field(default_factory=TrainSection)
+
+
+class ReportSection(_Section):
+    latency_runs: int = Field(50, ge=50)  # batch-1 latency: median of this many runs after warm-up
+    throughput_batch: int = Field(256, ge=1)
+
+
+class Recipe(_Section):
+    name: str = "run"
+    seed: int = 0
+    data: DataSection = Field(default_factory=DataSection)
+    teacher: ModelSection = Field(default_factory=lambda: ModelSection(model="cnn1d"))
+    student: ModelSection = Field(default_factory=ModelSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
+    report: ReportSection = Field(default_factory=ReportSection)
+
+
+def load_recipe(source: str | Path | dict) -> Recipe:
+    """Read a YAML file (or a dict), validate every section, and check the names it refers to."""
+    if isinstance(source, dict):
+        raw, where = source, "recipe"
+    else:
+        raw, where = _read_yaml(Path(source)), str(source)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(f"{where}: " + _explain(err)) from None
+    check_references(recipe)
+    return recipe
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise DistilError(f"recipe file not found: {path}. Ready recipes are in recipes/ (e.g. recipes/mnist1d.yaml).")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path} must hold a mapping of sections (data, teacher, student, ...), got {type(raw).__name__}")
+    return raw
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            allowed = _fields_at(Recipe, e["loc"][:-1])
+            lines.append(f"unknown key '{loc}'." + did_you_mean(str(e["loc"][-1]), allowed))
+        else:
+            lines.append(f"'{loc}': {e['msg']} (got {e.get('input')!r})")
+    return " ".join(lines)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (inspect.isclass(annotation) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def bind_kwargs(fn, kwargs: dict[str, Any], where: str) -> dict[str, Any]:
+    """Validate `kwargs` against `fn`'s signature (names and annotated types) and return them coerced.
+
+    An unknown name or a wrong type raises `RecipeError` naming `where` and the allowed names.
+    """
+    sig = inspect.signature(fn, eval_str=True)
+    skip = {"self", "input_shape", "num_classes"}
+    params = {n: p for n, p in sig.parameters.items() if n not in skip and p.kind not in (p.VAR_POSITIONAL,)}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    fields = {n: (Any if p.annotation is p.empty else p.annotation, ... if p.default is p.empty else p.default)
+              for n, p in params.items()}
+    model = create_model(f"{getattr(fn, '__name__', 'options')}_options", __config__=ConfigDict(extra="forbid"), **fields)
+    try:
+        validated = model.model_validate(kwargs)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            name = ".".join(str(p) for p in e["loc"])
+            if e["type"] == "extra_forbidden":
+                problems.append(f"unknown option '{name}' (allowed: {sorted(fields)})." + did_you_mean(name, fields))
+            else:
+                problems.append(f"'{name}': {e['msg']} (got {e.get('input')!r})")
+        raise RecipeError(f"{where}: " + " ".join(problems)) from None
+    return {k: getattr(validated, k) for k in kwargs}
+
+
+def check_references(recipe: Recipe) -> None:
+    """Check what the schema cannot: source, model and loss names and their options."""
+    from distil.data import SOURCES
+    from distil.losses import LOSSES
+    from distil.models import MODELS, resolve_factory
+
+    if recipe.data.source not in SOURCES:
+        raise RecipeError(f"data.source: unknown source '{recipe.data.source}'." + did_you_mean(recipe.data.source, SOURCES))
+    bind_kwargs(SOURCES[recipe.data.source], recipe.data.args, "data.args")
+    for role in ("teacher", "student"):
+        section: ModelSection = getattr(recipe, role)
+        if section.model in MODELS:
+            bind_kwargs(resolve_factory(section.model), section.knobs(), f"{role} (model '{section.model}')")
+    for i, term in enumerate(recipe.distill.terms):
+        kind = term.get("kind")
+        if kind not in LOSSES:
+            raise RecipeError(f"distill.terms[{i}].kind: unknown loss '{kind}'." + did_you_mean(str(kind), LOSSES))
+        bind_kwargs(LOSSES[kind], {k: v for k, v in term.items() if k != "kind"}, f"distill.terms[{i}] ({kind})")
+
+
+def build_terms(specs: list[dict[str, Any]]) -> list:
+    """Recipe terms -> loss modules, e.g. {kind: kd, weight: 0.9, T: 4} -> KD(T=4.0, weight=0.9)."""
+    from distil.losses import LOSSES
+
+    terms = []
+    for i, spec in enumerate(specs):
+        cls = LOSSES[spec["kind"]]
+        terms.append(cls(**bind_kwargs(cls, {k: v for k, v in spec.items() if k != "kind"}, f"distill.terms[{i}]")))
+    return terms
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe, every default written out, as YAML."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
