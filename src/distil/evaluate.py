@@ -40,6 +40,11 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) ->
     return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
+def accuracy(model: nn.Module, split: Split) -> float:
+    """Top-1 accuracy of `model` on `split` (eval mode, no gradients)."""
+    return float((predict_logits(model, split.x).argmax(1) == split.y).float().mean())
+
+
 def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:
     """ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)| over equal-width bins of max-softmax confidence (Guo et al. 2017)."""
     confidence, predicted = F.softmax(logits, dim=1).max(dim=1)

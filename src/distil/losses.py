@@ -35,11 +35,14 @@ class Views:
 
 
 def ce_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over labelled samples; 0 (with a gradient path) when none is labelled."""
-    labelled = targets != UNLABELED
-    if not bool(labelled.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[labelled], targets[labelled], label_smoothing=label_smoothing)
+    """Mean cross-entropy over labelled samples (targets != -1); 0 when none is labelled.
+
+    Shapes: (B, K), (B,) -> scalar. Written as sum / count so that an all-unlabelled batch gives
+    0 instead of NaN, without a host sync.
+    """
+    total = F.cross_entropy(logits, targets, ignore_index=UNLABELED, reduction="sum",
+                            label_smoothing=label_smoothing)
+    return total / (targets != UNLABELED).sum().clamp(min=1)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -115,6 +116,7 @@ def plot_tradeoff(models: dict[str, dict], path: Path) -> Path:
             ax.scatter(m[key], m["accuracy"], s=40)
             ax.annotate(name, (m[key], m["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)

@@ -72,7 +72,7 @@ def fit(task: Task, train: Split, val: Split | None, cfg: TrainConfig, *, name: 
     result = _resume(last, module, optimizer, scheduler) if last and last.exists() else FitResult()
     for epoch in range(len(result.history), 0 if result.stopped_early else cfg.epochs):
         record = {"stage": name, "epoch": epoch + 1, **_train_epoch(task, train, optimizer, scheduler, cfg, epoch, last)}
-        record["val_acc"] = accuracy(task.predict, module, val) if val is not None and len(val) else None
+        record["val_acc"] = _val_accuracy(task, module, val) if val is not None and len(val) else None
         _update_best(result, record, epoch, module, best)
         result.history.append(record)
         result.stopped_early = cfg.patience is not None and epoch - result.best_epoch >= cfg.patience
@@ -116,19 +116,18 @@ def _train_epoch(task: Task, train: Split, optimizer, scheduler, cfg: TrainConfi
 
 
 def _raise_non_finite(out, epoch: int, step: int, last: Path | None) -> None:
-    parts = ", ".join(f"{k}={float(v):.4g}" for k, v in out.parts.items())
+    parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.parts.items())
     kept = f" The last good checkpoint is kept at {last}." if last is not None and last.exists() else ""
     raise NonFiniteLossError(
-        f"the loss became {float(out.loss)} at epoch {epoch + 1}, step {step + 1} ({parts}).{kept} "
+        f"the loss became {float(out.loss.detach())} at epoch {epoch + 1}, step {step + 1} ({parts}).{kept} "
         "Lower the learning rate, check the inputs for NaN/inf, or lower the KD temperature.")
 
 
 @torch.inference_mode()
-def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, split: Split,
-             batch_size: int = 1024) -> float:
-    """Top-1 accuracy of `predict` on `split`, with `module` in eval mode."""
+def _val_accuracy(task: Task, module: nn.Module, split: Split, batch_size: int = 1024) -> float:
+    """Top-1 accuracy of `task.predict` on `split`, with the trainable module in eval mode."""
     module.eval()
-    correct = sum(int((predict(split.x[i:i + batch_size]).argmax(1) == split.y[i:i + batch_size]).sum())
+    correct = sum(int((task.predict(split.x[i:i + batch_size]).argmax(1) == split.y[i:i + batch_size]).sum())
                   for i in range(0, len(split), batch_size))
     return correct / len(split)
 

@@ -1,0 +1,98 @@
+from pathlib import Path
+
+import pytest
+
+from distil.errors import DistilError, RecipeError
+from distil.recipe import Recipe, build_terms, dump_recipe, load_recipe
+from distil.losses import KD, CE, FitNet
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_shipped_recipes_are_found():
+    names = {p.name for p in RECIPES}
+    assert {"mnist1d.yaml", "digits.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    terms = build_terms(recipe.distill.terms)
+    assert len(terms) == len(recipe.distill.terms)
+
+
+def test_defaults_are_written_out_and_round_trip(tmp_path):
+    recipe = load_recipe({"name": "x"})
+    text = dump_recipe(recipe)
+    assert "batch_size" in text and "latency_runs" in text  # every default is written out
+    (tmp_path / "r.yaml").write_text(text)
+    assert load_recipe(tmp_path / "r.yaml") == recipe
+
+
+def test_terms_bind_to_constructor_signatures():
+    kd, ce, fit = build_terms([{"kind": "kd", "T": 2, "weight": 0.7}, {"kind": "ce", "weight": 0.3},
+                               {"kind": "fitnet", "student": "a", "teacher": "b"}])
+    assert isinstance(kd, KD) and kd.T == 2.0 and kd.weight == 0.7
+    assert isinstance(ce, CE) and ce.weight == 0.3
+    assert isinstance(fit, FitNet) and fit.student_layer == "a" and fit.teacher_layer == "b"
+
+
+def test_unknown_top_level_key_suggests_the_right_one():
+    with pytest.raises(RecipeError, match=r"unknown key 'distil'.*Did you mean 'distill'"):
+        load_recipe({"distil": {}})
+
+
+def test_unknown_nested_key_names_its_path():
+    with pytest.raises(RecipeError, match=r"unknown key 'data.sorce'.*Did you mean 'source'"):
+        load_recipe({"data": {"sorce": "digits"}})
+    with pytest.raises(RecipeError, match=r"'teacher.train.epoch'.*Did you mean 'epochs'"):
+        load_recipe({"teacher": {"model": "cnn1d", "train": {"epoch": 3}}})
+
+
+def test_unknown_model_knob_is_an_error_with_allowed_names():
+    with pytest.raises(RecipeError, match=r"teacher.*'widht'.*allowed.*width.*Did you mean 'width'"):
+        load_recipe({"teacher": {"model": "cnn1d", "widht": 32}})
+
+
+def test_wrong_type_names_the_field():
+    with pytest.raises(RecipeError, match=r"'student.train.epochs'.*integer.*'ten'"):
+        load_recipe({"student": {"train": {"epochs": "ten"}}})
+
+
+def test_out_of_range_value_names_the_field():
+    with pytest.raises(RecipeError, match=r"'teacher.train.lr'.*greater than 0"):
+        load_recipe({"teacher": {"model": "cnn1d", "train": {"lr": -1}}})
+
+
+def test_unknown_loss_kind_and_option():
+    with pytest.raises(RecipeError, match=r"distill.terms\[0\].kind: unknown loss 'kdd'.*'kd'"):
+        load_recipe({"distill": {"terms": [{"kind": "kdd"}]}})
+    with pytest.raises(RecipeError, match=r"distill.terms\[0\].*'temperature'.*allowed.*'T'"):
+        load_recipe({"distill": {"terms": [{"kind": "kd", "temperature": 4}]}})
+    with pytest.raises(RecipeError, match=r"distill.terms\[0\].*'T'.*number"):
+        load_recipe({"distill": {"terms": [{"kind": "kd", "T": "hot"}]}})
+
+
+def test_unknown_source_and_source_option():
+    with pytest.raises(RecipeError, match=r"data.source.*'digit'.*'digits'"):
+        load_recipe({"data": {"source": "digit"}})
+    with pytest.raises(RecipeError, match=r"data.args.*'transfer_sise'.*Did you mean 'transfer_size'"):
+        load_recipe({"data": {"source": "mnist1d", "args": {"transfer_sise": 10}}})
+
+
+def test_missing_recipe_file_names_the_path(tmp_path):
+    with pytest.raises(DistilError, match=r"recipe file not found: .*nope.yaml"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_is_a_recipe_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("teacher: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(path)
+
+
+def test_recipe_model_defaults():
+    recipe = Recipe()
+    assert recipe.teacher.model == "cnn1d" and recipe.student.model == "mlp"
+    assert recipe.distill.terms[0] == {"kind": "kd", "weight": 0.9, "T": 4.0}
