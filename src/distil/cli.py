@@ -48,20 +48,27 @@ class _EpochProgress:
     def epoch(self, record: dict) -> None:
         parts = " ".join(f"{k}={v:.3f}" for k, v in record["parts"].items())
         val = "-" if record["val_acc"] is None else f"{record['val_acc']:.3f}"
-        self.progress.update(self.task, completed=record["epoch"],
-                             info=f"{parts}  val_acc={val}  {record['samples_per_s']:,.0f} samples/s")
+        info = f"{parts}  val_acc={val}  {record['samples_per_s']:,.0f} samples/s"
+        self.progress.update(self.task, completed=record["epoch"], info=info)
+        total = self.progress.tasks[self.task].total
+        every = max(1, int(total) // 20)  # a log file gets a plain line per epoch, at most ~20 per stage
+        if not self.progress.console.is_terminal and (record["epoch"] % every == 0 or record["epoch"] == total):
+            self.progress.console.print(f"{record['stage']:>9} epoch {record['epoch']}/{total:g}  {info}",
+                                        highlight=False)
 
 
 @app.command()
 def run(recipe: Path = typer.Argument(None, help="Recipe YAML; the embedded MNIST-1D default when omitted."),
         run_dir: Path = typer.Option(None, "--run-dir", help="Run folder; default runs/<recipe name>."),
-        force: bool = typer.Option(False, "--force", help="Start over instead of resuming.")) -> None:
+        force: bool = typer.Option(False, "--force", help="Start over instead of resuming."),
+        overrides: list[str] = typer.Option([], "--set", help="Override a recipe field: --set student.train.epochs=5")
+        ) -> None:
     """Run the whole pipeline (teacher, baseline, distill, report) into a run folder."""
     from distil.pipeline import load_metrics, run_pipeline
-    from distil.recipe import load_recipe
+    from distil.recipe import apply_overrides, load_recipe, read_recipe
 
     try:
-        loaded = load_recipe(recipe or DEFAULT_RECIPE)
+        loaded = load_recipe(apply_overrides(read_recipe(recipe or DEFAULT_RECIPE), overrides))
         target = run_dir or Path("runs") / loaded.name
         console.print(f"recipe {recipe or DEFAULT_RECIPE} -> run folder {target}")
         columns = [TextColumn("{task.description:>9}"), BarColumn(bar_width=20), MofNCompleteColumn(),

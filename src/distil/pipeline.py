@@ -25,7 +25,7 @@ from torch import nn
 from distil.checkpoint import atomic_write, load_weights, save_model
 from distil.data import Splits, load_splits
 from distil.distiller import ClassificationTask, Distiller
-from distil.errors import DistilError
+from distil.errors import DistilError, ModelError
 from distil.evaluate import evaluate_model, predict_logits
 from distil.models import build_model
 from distil.recipe import ModelSection, Recipe, TrainSection, build_terms, dump_recipe
@@ -57,6 +57,23 @@ class Run:
         section: ModelSection = getattr(self.recipe, "teacher" if role == "teacher" else "student")
         torch.manual_seed(self.recipe.seed)
         return build_model(section.model, self.splits.input_shape, self.splits.num_classes, **section.knobs())
+
+    def check_models(self) -> None:
+        """Fail before any training if a model's output does not fit the data (or the other model)."""
+        sample = self.splits.train.x[:2]
+        for role in ("teacher", "student"):
+            model = self.model(role).eval()
+            with torch.no_grad():
+                try:
+                    logits = model(sample)
+                except RuntimeError as err:
+                    raise ModelError(f"the {role} ({getattr(self.recipe, role).model}) fails on inputs of shape "
+                                     f"{list(sample.shape)}: {err}") from err
+            if tuple(logits.shape) != (2, self.splits.num_classes):
+                raise ModelError(
+                    f"the {role} ({getattr(self.recipe, role).model}) gives outputs of shape {list(logits.shape)} "
+                    f"for a batch of 2, but the data has {self.splits.num_classes} classes: teacher and student "
+                    f"must both give (batch, {self.splits.num_classes}) logits. Build it with num_classes.")
 
     def load(self, role: str, file: str) -> nn.Module:
         return load_weights(self.model(role), self.path(file))
@@ -183,6 +200,7 @@ def run_pipeline(recipe: Recipe, run_dir: Path, force: bool = False,
     splits = load_splits(recipe.data.source, recipe.data.args, recipe.seed, recipe.data.val_fraction,
                          recipe.data.test_fraction)
     run = Run(recipe, run_dir, splits, on_epoch, on_stage)
+    run.check_models()
     missing = [name for name, file in OUTPUTS.items() if not run.path(file).exists()]
     todo = list(STAGES)[list(STAGES).index(missing[0]):] if missing else []
     for name in todo:

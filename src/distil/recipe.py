@@ -89,6 +89,27 @@ def load_recipe(source: str | Path | dict) -> Recipe:
     return recipe
 
 
+def read_recipe(path: str | Path) -> dict:
+    """The raw mapping of a recipe file, unvalidated (see `load_recipe`)."""
+    return _read_yaml(Path(path))
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `dotted.path=value` overrides (value parsed as YAML) to a raw recipe mapping."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"override '{item}' must look like field.path=value, e.g. student.train.epochs=5")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override '{item}': '{part}' is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise DistilError(f"recipe file not found: {path}. Ready recipes are in recipes/ (e.g. recipes/mnist1d.yaml).")

@@ -1,0 +1,132 @@
+"""The command: listing, a run, and every kind of bad input exiting 2 with one clear message."""
+
+import textwrap
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from distil.cli import app
+from distil.errors import DistilError
+
+runner = CliRunner()
+
+
+def write_recipe(tmp_path, recipe: dict) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def fails_cleanly(args: list[str], match: str) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert match in " ".join(result.output.split()), result.output
+    return result.output
+
+
+@pytest.mark.parametrize("what,expected", [("methods", ["kd", "ce", "fitnet", "at"]),
+                                           ("models", ["mlp", "cnn", "cnn1d", "resnet8x4", "mobilenetv2"]),
+                                           ("datasets", ["mnist1d", "digits", "npz", "imagefolder", "csv"])])
+def test_list_prints_one_line_per_entry(what, expected):
+    result = runner.invoke(app, ["list", what])
+    assert result.exit_code == 0
+    first_words = [line.split()[0] for line in result.output.splitlines()]
+    assert set(expected) <= set(first_words)
+
+
+def test_list_unknown_category():
+    fails_cleanly(["list", "method"], "Did you mean 'methods'")
+
+
+def test_unknown_recipe_key_exits_2_with_did_you_mean(tmp_path, tiny_recipe):
+    tiny_recipe["studnet"] = tiny_recipe.pop("student")
+    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe)], "unknown key 'studnet'. Did you mean 'student'?")
+
+
+def test_debug_shows_the_traceback(tmp_path, tiny_recipe):
+    tiny_recipe["studnet"] = tiny_recipe.pop("student")
+    result = runner.invoke(app, ["--debug", "run", write_recipe(tmp_path, tiny_recipe)])
+    assert result.exit_code != 0 and isinstance(result.exception, DistilError)
+
+
+def test_wrong_type_exits_2(tmp_path, tiny_recipe):
+    tiny_recipe["teacher"]["train"]["batch_size"] = "big"
+    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe)], "'teacher.train.batch_size'")
+
+
+def test_missing_recipe_file_exits_2(tmp_path):
+    fails_cleanly(["run", str(tmp_path / "nope.yaml")], "recipe file not found")
+
+
+def test_missing_data_file_exits_2(tmp_path, tiny_recipe):
+    tiny_recipe["data"] = {"source": "npz", "args": {"path": str(tmp_path / "data.npz")}}
+    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")],
+                  "data file not found")
+
+
+def test_empty_data_set_exits_2(tmp_path, tiny_recipe):
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 4)), y=np.zeros(0))
+    tiny_recipe["data"] = {"source": "npz", "args": {"path": str(tmp_path / "empty.npz")}}
+    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")], "empty")
+
+
+def test_bad_override_exits_2(tmp_path, tiny_recipe):
+    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe), "--set", "seed"], "must look like field.path=value")
+
+
+def user_models(tmp_path, monkeypatch, name: str, body: str) -> None:
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_teacher_and_student_with_different_class_counts_exit_2(tmp_path, tiny_recipe, monkeypatch):
+    user_models(tmp_path, monkeypatch, "fiveway", """
+        from torch import nn
+        def five_way(input_shape, num_classes):
+            return nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+    """)
+    tiny_recipe["student"] = {"model": "fiveway:five_way", "train": {"epochs": 1}}
+    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")],
+                  "the student (fiveway:five_way) gives outputs of shape [2, 5] for a batch of 2, but the data has 10 classes")
+
+
+def test_feature_pair_that_cannot_be_connected_exits_2(tmp_path, tiny_recipe):
+    tiny_recipe["distill"]["terms"].append({"kind": "fitnet", "student": "fc", "teacher": "layer1"})
+    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")],
+                  "cannot connect student 'fc' -> teacher 'layer1'")
+
+
+def test_wrong_layer_name_lists_the_closest(tmp_path, tiny_recipe):
+    tiny_recipe["distill"]["terms"].append({"kind": "fitnet", "student": "layer1", "teacher": "layr2"})
+    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")],
+                  "the teacher has no module named 'layr2'. Closest valid names: layer2")
+
+
+def test_non_finite_loss_exits_2(tmp_path, tiny_recipe, monkeypatch):
+    user_models(tmp_path, monkeypatch, "brokenmodel", """
+        import torch
+        from torch import nn
+        class Broken(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(64, 10)
+            def forward(self, x):
+                return self.fc(x.flatten(1)) * float("inf")
+        def broken(input_shape, num_classes):
+            return Broken()
+    """)
+    tiny_recipe["teacher"] = {"model": "brokenmodel:broken", "train": {"epochs": 1}}
+    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")], "loss became nan")
+
+
+@pytest.mark.slow
+def test_run_prints_the_table_and_the_report_path(tmp_path, tiny_recipe):
+    result = runner.invoke(app, ["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "teacher" in result.output and "student" in result.output and "report.md" in result.output
+    assert "distill epoch 2/2" in result.output  # one plain line per epoch when not on a terminal
+    again = runner.invoke(app, ["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")])
+    assert "nothing to do" in again.output
