@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from distil.errors import DistilError
 from distil.pipeline import run_pipeline
 from distil.recipe import load_recipe
 
@@ -49,14 +48,30 @@ def test_pipeline_writes_the_run_folder_and_resumes(tmp_path, tiny_recipe):
     assert run_pipeline(recipe, run_dir) == ["distill", "report"]
 
 
-def test_a_different_recipe_in_the_same_folder_is_refused(tmp_path, tiny_recipe):
+FILES = ["teacher.safetensors", "baseline.safetensors", "student.safetensors", "teacher-pruned.safetensors",
+         "teacher-pruned-labels.safetensors", "export.json", "student.onnx", "metrics.json", "report.md",
+         "checkpoints/teacher-last.safetensors", "checkpoints/distill-last.safetensors"]
+
+
+@pytest.mark.parametrize("change,kept", [
+    ({"export": {"enabled": True, "calibration_samples": 64}}, FILES[:5] + FILES[9:]),
+    ({"student": {"model": "mlp", "width": 20}}, ["teacher.safetensors", "checkpoints/teacher-last.safetensors"]),
+    ({"seed": 3}, []),
+    ({"name": "renamed"}, FILES),  # the name changes no output
+])
+def test_a_changed_recipe_redoes_the_stages_it_affects(tmp_path, tiny_recipe, change, kept):
     from distil.pipeline import prepare_run_dir
 
+    tiny_recipe["compress"] = {"enabled": True}
+    tiny_recipe["export"] = {"enabled": True}
     prepare_run_dir(load_recipe(tiny_recipe), tmp_path, force=False)
-    tiny_recipe["seed"] = 1
-    with pytest.raises(DistilError, match="holds a run of a different recipe.*--force"):
-        prepare_run_dir(load_recipe(tiny_recipe), tmp_path, force=False)
-    prepare_run_dir(load_recipe(tiny_recipe), tmp_path, force=True)
+    for file in FILES:
+        (tmp_path / file).parent.mkdir(exist_ok=True)
+        (tmp_path / file).write_text("x")
+    tiny_recipe.update({k: {**tiny_recipe.get(k, {}), **v} if isinstance(v, dict) else v for k, v in change.items()})
+    prepare_run_dir(load_recipe(tiny_recipe), tmp_path, force=False)
+    assert sorted(f for f in FILES if (tmp_path / f).exists()) == sorted(kept)
+    assert load_recipe(tmp_path / "recipe.yaml") == load_recipe(tiny_recipe)
 
 
 @pytest.mark.slow

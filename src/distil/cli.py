@@ -57,39 +57,92 @@ class _EpochProgress:
                                         highlight=False)
 
 
-@app.command()
-def run(recipe: Path = typer.Argument(None, help="Recipe YAML; the embedded MNIST-1D default when omitted."),
-        run_dir: Path = typer.Option(None, "--run-dir", help="Run folder; default runs/<recipe name>."),
-        force: bool = typer.Option(False, "--force", help="Start over instead of resuming."),
-        overrides: list[str] = typer.Option([], "--set", help="Override a recipe field: --set student.train.epochs=5")
-        ) -> None:
-    """Run the whole pipeline (teacher, baseline, distill, report) into a run folder."""
+RECIPE_ARG = typer.Argument(None, help="Recipe YAML; default: the run folder's recipe.yaml, else the MNIST-1D demo.")
+RUN_DIR = typer.Option(None, "--run-dir", help="Run folder; default runs/<recipe name>.")
+SET = typer.Option([], "--set", help="Override a recipe field, e.g. --set student.train.epochs=5 (repeatable).")
+
+
+def _pipeline(recipe: Path | None, run_dir: Path | None, overrides: list[str], force: bool = False,
+              only: str | None = None) -> None:
     from distil.pipeline import load_metrics, run_pipeline
     from distil.recipe import apply_overrides, load_recipe, read_recipe
 
     try:
-        loaded = load_recipe(apply_overrides(read_recipe(recipe or DEFAULT_RECIPE), overrides))
+        source = recipe or (run_dir / "recipe.yaml" if run_dir and (run_dir / "recipe.yaml").exists() else DEFAULT_RECIPE)
+        loaded = load_recipe(apply_overrides(read_recipe(source), overrides))
         target = run_dir or Path("runs") / loaded.name
-        console.print(f"recipe {recipe or DEFAULT_RECIPE} -> run folder {target}")
-        columns = [TextColumn("{task.description:>9}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+        console.print(f"recipe {source} -> run folder {target}")
+        columns = [TextColumn("{task.description:>22}"), BarColumn(bar_width=20), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
         with Progress(*columns, console=console, transient=False) as progress:
             bar = _EpochProgress(progress)
-            ran = run_pipeline(loaded, target, force=force, on_epoch=bar.epoch, on_stage=bar.stage)
+            ran = run_pipeline(loaded, target, force=force, on_epoch=bar.epoch, on_stage=bar.stage, only=only)
         if not ran:
             console.print("every stage's output exists already; nothing to do (use --force to start over)")
-        _print_table(load_metrics(target)["models"])
-        console.print(f"report: {target / 'report.md'} (and report.html)")
+        if (target / "metrics.json").exists():
+            _print_table(load_metrics(target)["models"])
+            console.print(f"report: {target / 'report.md'} (and report.html)")
+        console.print(f"wrote: {target}")
     except DistilError as err:
         _fail(err)
+
+
+@app.command()
+def run(recipe: Path = RECIPE_ARG, run_dir: Path = RUN_DIR,
+        force: bool = typer.Option(False, "--force", help="Start over instead of resuming."),
+        overrides: list[str] = SET) -> None:
+    """Run the whole pipeline (teacher, baseline, distill, [compress, export,] report) into a run folder.
+
+    Rerunning resumes at the first stage whose output is missing; after a recipe change, it redoes
+    the first stage the change affects and everything after it.
+    """
+    _pipeline(recipe, run_dir, overrides, force)
+
+
+@app.command()
+def compress(recipe: Path = RECIPE_ARG, run_dir: Path = RUN_DIR, overrides: list[str] = SET) -> None:
+    """Run the compress stage alone (prune + fine-tune) on a run folder whose earlier stages are done."""
+    _pipeline(recipe, run_dir, overrides, only="compress")
+
+
+@app.command(name="export")
+def export_(recipe: Path = RECIPE_ARG, run_dir: Path = RUN_DIR, overrides: list[str] = SET) -> None:
+    """Run the export stage alone (ONNX + int8) on a run folder whose earlier stages are done."""
+    _pipeline(recipe, run_dir, overrides, only="export")
+
+
+@app.command()
+def report(recipe: Path = RECIPE_ARG, run_dir: Path = RUN_DIR, overrides: list[str] = SET) -> None:
+    """Evaluate every model of a run folder again and rewrite its report."""
+    _pipeline(recipe, run_dir, overrides, only="report")
+
+
+@app.command()
+def bench(file: Path = typer.Argument(..., help="A distil .safetensors model file or an .onnx file."),
+          runs: int = typer.Option(50, min=50, help="Batch-1 runs (median) after warm-up."),
+          batch: int = typer.Option(256, min=1, help="Batch size for throughput.")) -> None:
+    """Measure a model on PyTorch and onnxruntime, with 1 thread and with all cores."""
+    from distil.bench import bench_file
+
+    try:
+        rows = bench_file(file, runs=runs, batch=batch)
+    except DistilError as err:
+        _fail(err)
+    table = Table("runtime", "threads", "latency b1 (ms)", f"throughput b{batch} (samples/s)")
+    for row in rows:
+        table.add_row(row["runtime"], str(row["threads"]), f"{row['latency_ms_b1']:.3f}",
+                      f"{row['throughput']:,.0f}")
+    console.print(f"{file}: {rows[0]['params']:,} parameters" if rows[0].get("params") else str(file))
+    console.print(table)
 
 
 def _print_table(models: dict[str, dict]) -> None:
     from distil.report import COLUMNS, table_rows
 
-    table = Table(*COLUMNS)
+    shown = [0, 1, 2, 5, 6, 7, 9, 10, 11, 12, 13]  # the console gets the key columns; report.md has all
+    table = Table(*[COLUMNS[i] for i in shown])
     for row in table_rows(models):
-        table.add_row(*row)
+        table.add_row(*[row[i] for i in shown])
     console.print(table)
 
 

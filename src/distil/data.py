@@ -26,6 +26,7 @@ from distil.losses import UNLABELED
 class Split:
     x: torch.Tensor  # (N, *input_shape) float32
     y: torch.Tensor  # (N,) int64; -1 = unlabeled
+    teacher_logits: torch.Tensor | None = None  # (N, K), precomputed by `Distiller.with_teacher_logits`
 
     def __len__(self) -> int:
         return len(self.y)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from distil.checkpoint import save_tensors
+from distil.data import Split
 from distil.errors import ModelError
 from distil.losses import CE, KD, Views, ce_loss
 from distil.taps import FeatureTaps
@@ -29,7 +30,7 @@ class StepOutput:
 
 class Task(Protocol):
     def prepare(self, inputs: torch.Tensor) -> None: ...
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutput: ...
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, **cached: torch.Tensor) -> StepOutput: ...
     def predict(self, inputs: torch.Tensor) -> torch.Tensor: ...
     def trainable_module(self) -> nn.Module: ...
 
@@ -43,7 +44,7 @@ class ClassificationTask:
     def prepare(self, inputs: torch.Tensor) -> None:
         pass
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, **cached: torch.Tensor) -> StepOutput:
         logits = self.model(inputs)
         loss = ce_loss(logits, targets, self.label_smoothing)
         return StepOutput(loss, {"ce": loss}, logits)
@@ -106,18 +107,32 @@ class Distiller(nn.Module):
                 student_feat, teacher_feat = term.pair(views)
                 term.build(student_feat, teacher_feat)
 
-    def _views(self, inputs: torch.Tensor, targets: torch.Tensor) -> Views:
+    def _views(self, inputs: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> Views:
         with self.student_taps:
             student_logits = self.student(inputs)
-        teacher_logits = None
-        if self.needs_teacher:
+        if self.needs_teacher and (teacher_logits is None or self.teacher_taps.modules):
             with torch.no_grad(), self.teacher_taps:
                 teacher_logits = self.teacher(inputs)
         return Views(student_logits, targets, teacher_logits,
                      self.student_taps.outputs, self.teacher_taps.outputs)
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutput:
-        views = self._views(inputs, targets)
+    def with_teacher_logits(self, split: Split, batch_size: int = 1024) -> Split:
+        """`split` with the teacher's logits precomputed, so training skips the teacher's forward pass.
+
+        Exact because the teacher is frozen in eval mode and the inputs are fixed tensors (no
+        augmentation). Feature terms still need the teacher's features each step: the split is
+        then returned unchanged.
+        """
+        if not self.needs_teacher or self.teacher_taps.modules:
+            return split
+        with torch.no_grad():
+            logits = torch.cat([self.teacher(split.x[i:i + batch_size]) for i in range(0, len(split), batch_size)])
+        return Split(split.x, split.y, logits)  # (N, K)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                teacher_logits: torch.Tensor | None = None) -> StepOutput:
+        """One step: `teacher_logits` (B, K), when given, replace the teacher's forward pass."""
+        views = self._views(inputs, targets, teacher_logits)
         parts = {term.name: term.weight * term(views) for term in self.terms}
         loss = torch.stack(list(parts.values())).sum()
         return StepOutput(loss, parts, views.student_logits)

@@ -1,12 +1,15 @@
-"""Evaluation: accuracy, calibration, agreement with the teacher, size, MACs, latency and throughput."""
+"""Evaluation: accuracy, calibration, agreement with the teacher, size, MACs, latency and throughput,
+for PyTorch modules and for ONNX files on onnxruntime."""
 
 from __future__ import annotations
 
+import gzip
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -14,24 +17,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from distil.data import Split
 from distil.models import count_params
-
-
-@dataclass(frozen=True)
-class ModelMetrics:
-    accuracy: float  # top-1 on the test split, 0..1
-    top5: float
-    per_class: list[float]  # accuracy of each class
-    agreement: float | None  # fraction of test samples where the top-1 equals the teacher's
-    ece: float  # expected calibration error, 15 equal-width confidence bins
-    params: int
-    macs: int  # multiply-accumulates for one sample (torch.utils.flop_counter FLOPs / 2)
-    bytes: int  # checkpoint size on disk
-    latency_ms_b1: float  # median over `runs` single-sample forwards, after warm-up
-    throughput_b256: float  # samples/s at batch 256, median of repeats
-    threads: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @torch.inference_mode()
@@ -58,6 +43,18 @@ def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor, bins
     return float(ece)
 
 
+def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, teacher_pred: torch.Tensor | None) -> dict:
+    """accuracy, top5, per_class accuracy, agreement with the teacher's top-1, and ECE. Logits (N, K)."""
+    predicted = logits.argmax(1)
+    num_classes = logits.shape[1]
+    top5 = logits.topk(min(5, num_classes), dim=1).indices.eq(targets[:, None]).any(1).float().mean()
+    per_class = [float((predicted[targets == c] == c).float().mean()) if (targets == c).any() else None
+                 for c in range(num_classes)]
+    return {"accuracy": float((predicted == targets).float().mean()), "top5": float(top5), "per_class": per_class,
+            "agreement": None if teacher_pred is None else float((predicted == teacher_pred).float().mean()),
+            "ece": expected_calibration_error(logits, targets)}
+
+
 def count_macs(model: nn.Module, sample: torch.Tensor) -> int:
     """MACs of one forward pass on `sample` (1, ...), from torch's FLOP counter (FLOPs / 2)."""
     model.eval()
@@ -67,41 +64,65 @@ def count_macs(model: nn.Module, sample: torch.Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
-@torch.inference_mode()
-def measure_speed(model: nn.Module, sample: torch.Tensor, runs: int = 50, batch: int = 256,
-                  repeats: int = 10) -> tuple[float, float]:
-    """(median batch-1 latency in ms, median samples/s at `batch`), each after warm-up."""
-    model.eval()
-    one = sample[:1]
-    big = sample[:1].expand(batch, *sample.shape[1:]).contiguous()
+def measure_speed(forward: Callable[[object], object], one, big, batch: int, runs: int = 50,
+                  repeats: int = 10, min_seconds: float = 0.25) -> tuple[float, float]:
+    """(median batch-1 latency in ms over `runs`, median samples/s of `big`), after warm-up.
+
+    Throughput takes at least `repeats` runs and at least `min_seconds`, so that tiny models whose
+    batch takes microseconds are not measured on timer noise.
+    """
     for _ in range(10):
-        model(one)
+        forward(one)
     latencies = []
     for _ in range(runs):
         start = time.perf_counter()
-        model(one)
+        forward(one)
         latencies.append((time.perf_counter() - start) * 1000)
-    model(big)
-    speeds = []
-    for _ in range(repeats):
+    forward(big)
+    speeds, begin = [], time.perf_counter()
+    while len(speeds) < repeats or time.perf_counter() - begin < min_seconds:
         start = time.perf_counter()
-        model(big)
+        forward(big)
         speeds.append(batch / (time.perf_counter() - start))
     return statistics.median(latencies), statistics.median(speeds)
 
 
+def torch_speed(model: nn.Module, sample: torch.Tensor, runs: int = 50, batch: int = 256) -> tuple[float, float]:
+    model.eval()
+    big = sample[:1].expand(batch, *sample.shape[1:]).contiguous()
+    with torch.inference_mode():
+        return measure_speed(model, sample[:1], big, batch, runs)
+
+
+def ort_speed(session, sample: np.ndarray, runs: int = 50, batch: int = 256) -> tuple[float, float]:
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    big = np.ascontiguousarray(np.broadcast_to(sample[:1], (batch, *sample.shape[1:])))
+    return measure_speed(lambda x: session.run(None, {"input": x}), sample[:1], big, batch, runs)
+
+
+def file_sizes(path: Path) -> dict:
+    """Bytes on disk, and gzip-compressed (where unstructured sparsity shows)."""
+    data = Path(path).read_bytes()
+    return {"bytes": len(data), "bytes_gzip": len(gzip.compress(data, compresslevel=6))}
+
+
 def evaluate_model(model: nn.Module, test: Split, checkpoint: Path, teacher_pred: torch.Tensor | None = None,
-                   latency_runs: int = 50, throughput_batch: int = 256) -> ModelMetrics:
-    logits = predict_logits(model, test.x)
-    predicted = logits.argmax(1)
-    num_classes = logits.shape[1]
-    top5 = logits.topk(min(5, num_classes), dim=1).indices.eq(test.y[:, None]).any(1).float().mean()
-    per_class = [float((predicted[test.y == c] == c).float().mean()) if (test.y == c).any() else float("nan")
-                 for c in range(num_classes)]
-    agreement = float((predicted == teacher_pred).float().mean()) if teacher_pred is not None else None
-    latency, throughput = measure_speed(model, test.x, latency_runs, throughput_batch)
-    return ModelMetrics(
-        accuracy=float((predicted == test.y).float().mean()), top5=float(top5), per_class=per_class,
-        agreement=agreement, ece=expected_calibration_error(logits, test.y), params=count_params(model),
-        macs=count_macs(model, test.x[:1]), bytes=Path(checkpoint).stat().st_size,
-        latency_ms_b1=latency, throughput_b256=throughput, threads=torch.get_num_threads())
+                   latency_runs: int = 50, throughput_batch: int = 256) -> dict:
+    """Metrics of a PyTorch model: classification, size, MACs and PyTorch speed."""
+    latency, throughput = torch_speed(model, test.x, latency_runs, throughput_batch)
+    return {**classification_metrics(predict_logits(model, test.x), test.y, teacher_pred),
+            "params": count_params(model), "macs": count_macs(model, test.x[:1]), **file_sizes(checkpoint),
+            "latency_ms_b1": latency, "throughput_b256": throughput, "runtime": "pytorch",
+            "threads": torch.get_num_threads()}
+
+
+def evaluate_onnx(path: Path, test: Split, teacher_pred: torch.Tensor | None = None, latency_runs: int = 50,
+                  throughput_batch: int = 256) -> dict:
+    """Metrics of an ONNX file on onnxruntime (all cores): classification, file size and speed."""
+    from distil.export import run_onnx, session
+
+    sess = session(path, threads=torch.get_num_threads())  # the same threads as PyTorch's measurement
+    logits = torch.from_numpy(run_onnx(sess, test.x.numpy()))
+    latency, throughput = ort_speed(sess, test.x.numpy(), latency_runs, throughput_batch)
+    return {**classification_metrics(logits, test.y, teacher_pred), **file_sizes(path),
+            "ort_latency_ms_b1": latency, "ort_throughput_b256": throughput}

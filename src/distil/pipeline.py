@@ -3,6 +3,9 @@
     teacher  : fit(teacher, CE)             -> teacher.safetensors (or load recipe.teacher.checkpoint)
     baseline : fit(student copy, CE)        -> baseline.safetensors (same student, no teacher, same steps)
     distill  : fit(Distiller(...))          -> student.safetensors (+ student.connectors.safetensors)
+    compress : prune a source, fine-tune it with the unpruned source as teacher (and, to compare,
+               on labels alone)             -> <source>-pruned.safetensors, <source>-pruned-labels.safetensors
+    export   : ONNX of every model (parity-checked) + int8 of the chosen ones -> *.onnx, export.json
     report   : evaluate every model on test -> metrics.json, report.md, report.html, plots/
 
 Rerunning into a folder resumes at the first stage whose output is missing (and inside a stage,
@@ -11,32 +14,35 @@ from its last checkpoint); `force=True` starts over.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
+from torch.nn import functional as F
 
-from distil.checkpoint import atomic_write, load_weights, save_model
-from distil.data import Splits, load_splits
+from distil.checkpoint import atomic_write, load_weights
+from distil.compress.prune import channel_prune, magnitude_prune, make_permanent
+from distil.data import Split, Splits, load_splits
 from distil.distiller import ClassificationTask, Distiller
 from distil.errors import DistilError, ModelError
-from distil.evaluate import evaluate_model, predict_logits
+from distil.evaluate import evaluate_model, evaluate_onnx, predict_logits
+from distil.export import export_onnx, has_convolutions, quantize_onnx, run_onnx, session
+from distil.modelfile import load_model_file, save_model_file
 from distil.models import build_model
 from distil.recipe import ModelSection, Recipe, TrainSection, build_terms, dump_recipe
 from distil.report import with_ratios, write_report
 from distil.train import TrainConfig, fit
 
 log = logging.getLogger(__name__)
-
-OUTPUTS = {"teacher": "teacher.safetensors", "baseline": "baseline.safetensors",
-           "distill": "student.safetensors", "report": "metrics.json"}
-MODEL_FILES = {"teacher": "teacher.safetensors", "baseline": "baseline.safetensors", "student": "student.safetensors"}
 
 
 @dataclass
@@ -54,7 +60,7 @@ class Run:
 
     def model(self, role: str) -> nn.Module:
         """A freshly initialised teacher or student (seeded, so every build is the same)."""
-        section: ModelSection = getattr(self.recipe, "teacher" if role == "teacher" else "student")
+        section: ModelSection = getattr(self.recipe, role)
         torch.manual_seed(self.recipe.seed)
         return build_model(section.model, self.splits.input_shape, self.splits.num_classes, **section.knobs())
 
@@ -75,10 +81,7 @@ class Run:
                     f"for a batch of 2, but the data has {self.splits.num_classes} classes: teacher and student "
                     f"must both give (batch, {self.splits.num_classes}) logits. Build it with num_classes.")
 
-    def load(self, role: str, file: str) -> nn.Module:
-        return load_weights(self.model(role), self.path(file))
-
-    def fit(self, task, train, section: TrainSection, name: str, epochs: int | None = None):
+    def fit(self, task, train: Split, section: TrainSection, name: str, epochs: int | None = None):
         cfg = TrainConfig(**section.model_dump(), seed=self.recipe.seed)
         if epochs is not None:
             cfg = TrainConfig(**{**cfg.__dict__, "epochs": epochs})
@@ -87,11 +90,20 @@ class Run:
         return fit(task, train, self.splits.val, cfg, name=name, checkpoint_dir=self.path("checkpoints"),
                    log_path=self.path("log.jsonl"), on_epoch=self.on_epoch)
 
-    def save(self, model: nn.Module, file: str, role: str) -> None:
-        section: ModelSection = getattr(self.recipe, "teacher" if role == "teacher" else "student")
-        meta = {"model": section.model, "knobs": section.knobs(), "input_shape": list(self.splits.input_shape),
+    def save(self, model: nn.Module, name: str, role: str, **extra) -> None:
+        section: ModelSection = getattr(self.recipe, role)
+        spec = {"model": section.model, "knobs": section.knobs(), "input_shape": list(self.splits.input_shape),
                 "num_classes": self.splits.num_classes, "class_names": self.splits.class_names}
-        save_model(model, self.path(file), meta)
+        save_model_file(model, self.path(f"{name}.safetensors"), spec, **extra)
+
+    def load(self, name: str) -> nn.Module:
+        return load_model_file(self.path(f"{name}.safetensors"))[0]
+
+    def distill_train(self) -> Split:
+        return self.splits.with_transfer() if self.recipe.distill.use_transfer else self.splits.train
+
+
+# --- stages ----------------------------------------------------------------------------------
 
 
 def stage_teacher(run: Run) -> None:
@@ -101,43 +113,133 @@ def stage_teacher(run: Run) -> None:
         load_weights(teacher, Path(section.checkpoint))
     else:
         run.fit(ClassificationTask(teacher), run.splits.train, section.train, "teacher")
-    run.save(teacher, OUTPUTS["teacher"], "teacher")
+    run.save(teacher, "teacher", "teacher")
 
 
 def stage_baseline(run: Run) -> None:
     """The student trained on labels alone, with the student's settings and as many optimiser
     steps as the distillation stage takes (its training set may be larger)."""
     section = run.recipe.student.train
-    steps = section.epochs * max(1, len(distill_train(run)) // section.batch_size)
+    steps = section.epochs * max(1, len(run.distill_train()) // section.batch_size)
     epochs = math.ceil(steps / max(1, len(run.splits.train) // section.batch_size))
     student = run.model("student")
     run.fit(ClassificationTask(student), run.splits.train, section, "baseline", epochs=epochs)
-    run.save(student, OUTPUTS["baseline"], "student")
-
-
-def distill_train(run: Run):
-    return run.splits.with_transfer() if run.recipe.distill.use_transfer else run.splits.train
+    run.save(student, "baseline", "student")
 
 
 def stage_distill(run: Run) -> None:
-    teacher = run.load("teacher", OUTPUTS["teacher"])
+    teacher = run.load("teacher")
     student = run.model("student")
     distiller = Distiller(student, teacher, build_terms(run.recipe.distill.terms))
-    run.fit(distiller, distill_train(run), run.recipe.student.train, "distill")
-    run.save(student, OUTPUTS["distill"], "student")
+    run.fit(distiller, distiller.with_teacher_logits(run.distill_train()), run.recipe.student.train, "distill")
+    run.save(student, "student", "student")
     distiller.save_connectors(run.path("student.connectors.safetensors"))
 
 
+def stage_compress(run: Run) -> None:
+    """Prune the source, then fine-tune with the unpruned source as teacher (and a copy on labels)."""
+    c = run.recipe.compress
+    source_name = "student" if c.source == "student" else "teacher"
+    source = run.load(source_name)
+    pruned, info = prune(run, copy.deepcopy(source), source)
+    labels_only = copy.deepcopy(pruned) if c.compare_labels_only else None
+    name = f"{c.source}-pruned"
+    distiller = Distiller(pruned, source, build_terms(run.recipe.distill.terms))
+    run.fit(distiller, distiller.with_teacher_logits(run.distill_train()), c.finetune, name)
+    run.save(make_permanent(pruned), name, source_name, pruned=c.method == "channels", pruning=info,
+             finetune="distillation from the unpruned source")
+    if labels_only is not None:
+        run.fit(ClassificationTask(labels_only), run.splits.train, c.finetune, f"{name}-labels")
+        run.save(make_permanent(labels_only), f"{name}-labels", source_name, pruned=c.method == "channels",
+                 pruning=info, finetune="labels only")
+
+
+def prune(run: Run, model: nn.Module, source: nn.Module) -> tuple[nn.Module, dict]:
+    c = run.recipe.compress
+    if c.method == "magnitude":
+        return model, magnitude_prune(model, c.ratio, c.scope, tuple(c.exclude), permanent=False)
+    x, y = run.splits.train.x[:256], run.splits.train.y[:256]
+    short = TrainConfig(**{**c.finetune.model_dump(), "epochs": max(1, c.finetune.epochs // c.steps)},
+                        seed=run.recipe.seed)
+
+    def between_steps(step: int) -> None:  # a short distillation fine-tune between pruning steps
+        distiller = Distiller(model, source, build_terms(run.recipe.distill.terms))
+        fit(distiller, distiller.with_teacher_logits(run.distill_train()), None, short)
+
+    info = channel_prune(model, x[:1], c.ratio, c.importance, c.target, c.steps, tuple(c.exclude),
+                         between_steps=between_steps, taylor_loss=lambda m: F.cross_entropy(m(x), y))
+    return model, info
+
+
+def stage_export(run: Run) -> None:
+    """fp32 ONNX of every model (parity-checked against PyTorch), int8 of those in export.quantize.
+
+    Every file is written atomically; export.json, which marks the stage done, comes last.
+    """
+    e = run.recipe.export
+    sample, test_x = run.splits.test.x[:256], run.splits.test.x.numpy()
+    calibration = run.splits.train.x[: e.calibration_samples].numpy()
+    summary: dict[str, dict] = {}
+    for name in model_names(run):
+        model = run.load(name)
+        diff = export_onnx(model, sample, run.path(f"{name}.onnx"), e.parity_atol)
+        summary[name] = {"file": f"{name}.onnx", "max_abs_logit_diff": diff}
+        if name not in e.quantize:
+            continue
+        mode = e.quantization if e.quantization != "auto" else ("static" if has_convolutions(model) else "dynamic")
+        quantize_onnx(run.path(f"{name}.onnx"), run.path(f"{name}-int8.onnx"), mode, calibration, e.per_channel)
+        fp32 = run_onnx(session(run.path(f"{name}.onnx")), test_x).argmax(1)
+        int8 = run_onnx(session(run.path(f"{name}-int8.onnx")), test_x).argmax(1)
+        summary[f"{name}-int8"] = {"file": f"{name}-int8.onnx", "quantization": mode,
+                                   "per_channel": e.per_channel and mode == "static",
+                                   "top1_agreement_with_fp32": float((fp32 == int8).mean())}
+    payload = json.dumps(summary, indent=2)
+    atomic_write(run.path("export.json"), lambda tmp: tmp.write_text(payload))
+
+
+def model_names(run: Run) -> list[str]:
+    """The PyTorch models of this run, in report order."""
+    names = ["teacher", "baseline", "student"]
+    if run.recipe.compress.enabled:
+        names.append(f"{run.recipe.compress.source}-pruned")
+        if run.recipe.compress.compare_labels_only:
+            names.append(f"{run.recipe.compress.source}-pruned-labels")
+    return names
+
+
 def stage_report(run: Run) -> None:
-    models = {}
-    teacher_pred = None
-    for name, file in MODEL_FILES.items():
-        model = run.load("teacher" if name == "teacher" else "student", file)
-        if name == "teacher":
-            teacher_pred = predict_logits(model, run.splits.test.x).argmax(1)
-        metrics = evaluate_model(model, run.splits.test, run.path(file), teacher_pred,
-                                 run.recipe.report.latency_runs, run.recipe.report.throughput_batch)
-        models[name] = metrics.as_dict()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(run.recipe.report.threads or os.cpu_count() or 1)
+    try:
+        _report(run)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _report(run: Run) -> None:
+    r = run.recipe.report
+    test = run.splits.test
+    teacher_pred = predict_logits(run.load("teacher"), test.x).argmax(1)
+    models: dict[str, dict] = {}
+    for name in model_names(run):
+        file = run.path(f"{name}.safetensors")
+        model, meta = load_model_file(file)
+        models[name] = evaluate_model(model, test, file, teacher_pred, r.latency_runs, r.throughput_batch)
+        if meta.get("pruning"):
+            models[name]["pruning"] = meta["pruning"]
+        if run.path(f"{name}.onnx").exists():
+            ort = evaluate_onnx(run.path(f"{name}.onnx"), test, teacher_pred, r.latency_runs, r.throughput_batch)
+            models[name].update({"onnx_bytes": ort["bytes"], "ort_latency_ms_b1": ort["ort_latency_ms_b1"],
+                                 "ort_throughput_b256": ort["ort_throughput_b256"]})
+        int8 = run.path(f"{name}-int8.onnx")
+        if int8.exists():
+            ort = evaluate_onnx(int8, test, teacher_pred, r.latency_runs, r.throughput_batch)
+            exported = json.loads(run.path("export.json").read_text()).get(f"{name}-int8", {})
+            models[f"{name}-int8"] = {**ort, "params": models[name]["params"], "macs": models[name]["macs"],
+                                      "quantization": exported.get("quantization"),
+                                      "fp32_agreement": exported.get("top1_agreement_with_fp32"),
+                                      "onnx_bytes": ort["bytes"], "latency_ms_b1": ort["ort_latency_ms_b1"],
+                                      "throughput_b256": ort["ort_throughput_b256"], "runtime": "onnxruntime"}
     write_report(run.run_dir, with_ratios(models), read_history(run.path("log.jsonl")), report_notes(run),
                  f"distil report: {run.recipe.name}")
 
@@ -146,14 +248,33 @@ def report_notes(run: Run) -> list[str]:
     r, s = run.recipe, run.splits
     transfer = len(s.transfer) if s.transfer is not None and r.distill.use_transfer else 0
     terms = ", ".join(json.dumps(t) for t in r.distill.terms)
-    return [f"data: {r.data.source}, {len(s.train)} train / {len(s.val)} val / {len(s.test)} test samples, "
-            f"{transfer} unlabeled transfer samples for distillation",
-            f"teacher: {r.teacher.model} {r.teacher.knobs()}; student: {r.student.model} {r.student.knobs()}",
-            f"distillation terms: {terms}",
-            "baseline: the student architecture trained on labels alone, with the same optimiser "
-            "steps as the distilled student",
-            f"latency: median of {r.report.latency_runs} batch-1 runs after warm-up; throughput at batch "
-            f"{r.report.throughput_batch}; PyTorch on {torch.get_num_threads()} threads"]
+    notes = [f"data: {r.data.source}, {len(s.train)} train / {len(s.val)} val / {len(s.test)} test samples, "
+             f"{transfer} unlabeled transfer samples for distillation",
+             f"teacher: {r.teacher.model} {r.teacher.knobs()}; student: {r.student.model} {r.student.knobs()}",
+             f"distillation terms: {terms}",
+             "baseline: the student architecture trained on labels alone, with the same optimiser "
+             "steps as the distilled student",
+             f"latency: median of {r.report.latency_runs} batch-1 runs after warm-up; throughput at batch "
+             f"{r.report.throughput_batch}; {torch.get_num_threads()} threads"]
+    if r.compress.enabled:
+        c = r.compress
+        what = (f"{c.ratio:.0%} of channels removed ({c.importance} importance, {c.steps} step(s))"
+                if c.method == "channels" else f"{c.ratio:.0%} of weights zeroed ({c.scope} magnitude)")
+        notes.append(f"{c.source}-pruned: {what}, then {c.finetune.epochs} epochs of distillation from the unpruned "
+                     f"{c.source}; {c.source}-pruned-labels: the same pruned model fine-tuned on labels alone")
+        if c.method == "magnitude":
+            notes.append("unstructured sparsity: dense kernels do not run faster on zeros, so latency does not drop; "
+                         "the gain is in compressed size (gzip column)")
+    if run.path("export.json").exists():
+        for name, info in json.loads(run.path("export.json").read_text()).items():
+            if "quantization" in info:
+                notes.append(f"{name}: {info['quantization']} int8, top-1 agreement with its fp32 ONNX "
+                             f"{info['top1_agreement_with_fp32']:.3f}")
+    if r.export.enabled:
+        notes.append("int8: onnxruntime post-training quantization (" + r.export.quantization +
+                     "; static = QDQ, calibrated on the training split). Speed-up and size "
+                     "ratios are against the teacher in the same runtime (onnxruntime)")
+    return notes
 
 
 def read_history(path: Path) -> list[dict]:
@@ -165,44 +286,110 @@ def read_history(path: Path) -> list[dict]:
         if line.strip():
             record = json.loads(line)
             records[(record["stage"], record["epoch"])] = record
-    return sorted(records.values(), key=lambda r: (list(OUTPUTS).index(r["stage"]) if r["stage"] in OUTPUTS else 99,
-                                                    r["epoch"]))
+    order = list(dict.fromkeys(r["stage"] for r in records.values()))
+    return sorted(records.values(), key=lambda r: (order.index(r["stage"]), r["epoch"]))
 
 
 STAGES: dict[str, Callable[[Run], None]] = {
-    "teacher": stage_teacher, "baseline": stage_baseline, "distill": stage_distill, "report": stage_report}
+    "teacher": stage_teacher, "baseline": stage_baseline, "distill": stage_distill,
+    "compress": stage_compress, "export": stage_export, "report": stage_report}
+
+
+def stage_outputs(recipe: Recipe) -> dict[str, str]:
+    """Each enabled stage and the file whose presence means it is done."""
+    outputs = {"teacher": "teacher.safetensors", "baseline": "baseline.safetensors", "distill": "student.safetensors"}
+    if recipe.compress.enabled:
+        outputs["compress"] = f"{recipe.compress.source}-pruned" + (
+            "-labels.safetensors" if recipe.compress.compare_labels_only else ".safetensors")
+    if recipe.export.enabled:
+        outputs["export"] = "export.json"
+    outputs["report"] = "metrics.json"
+    return outputs
+
+
+# which stage a change in each recipe section invalidates first
+SECTION_STAGE = {"seed": "teacher", "data": "teacher", "teacher": "teacher", "student": "baseline",
+                 "distill": "baseline", "compress": "compress", "export": "export", "report": "report"}
+
+
+def fit_names(recipe: Recipe, stage: str) -> list[str]:
+    """The `fit` run names (checkpoint prefixes) of a stage."""
+    if stage == "compress":
+        return [f"{recipe.compress.source}-pruned", f"{recipe.compress.source}-pruned-labels"]
+    return [stage] if stage in ("teacher", "baseline", "distill") else []
 
 
 def prepare_run_dir(recipe: Recipe, run_dir: Path, force: bool) -> None:
-    """Create the folder; refuse to mix two different recipes in one folder unless `force`."""
+    """Create the folder and write the resolved recipe. If the folder holds a run of a different
+    recipe, the outputs of the first stage the change affects and of every later stage are removed
+    (a changed `export` section redoes export and report only); `force` removes everything."""
     run_dir = Path(run_dir)
-    resolved = dump_recipe(recipe)
     saved = run_dir / "recipe.yaml"
-    if force and run_dir.exists():
-        for name in [*OUTPUTS.values(), "recipe.yaml", "log.jsonl", "report.md", "report.html",
-                     "student.connectors.safetensors"]:
-            (run_dir / name).unlink(missing_ok=True)
-        for sub in ("checkpoints", "plots"):
-            shutil.rmtree(run_dir / sub, ignore_errors=True)
-    elif saved.exists() and saved.read_text() != resolved:
-        raise DistilError(f"{run_dir} holds a run of a different recipe. Use --force to start it over, "
-                          "or --run-dir to write somewhere else.")
+    stages = list(STAGES)
+    first = None
+    if force:
+        first = "teacher"
+    elif saved.exists():
+        old, new = yaml.safe_load(saved.read_text()) or {}, recipe.model_dump(mode="json")
+        changed = [SECTION_STAGE[k] for k in SECTION_STAGE if old.get(k) != new.get(k)]
+        first = min(changed, key=stages.index) if changed else None
+        if first:
+            log.info("recipe changed: redoing stages from %s", first)
+    if first and run_dir.exists():
+        previous = Recipe.model_validate(yaml.safe_load(saved.read_text())) if saved.exists() else recipe
+        for stage in stages[stages.index(first):]:
+            _remove_stage_outputs(run_dir, stage, [previous, recipe])
     run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = dump_recipe(recipe)
     atomic_write(saved, lambda tmp: tmp.write_text(resolved))
+
+
+def _remove_stage_outputs(run_dir: Path, stage: str, recipes: list[Recipe]) -> None:
+    files = {"distill": ["student.safetensors", "student.connectors.safetensors"], "export": ["export.json"],
+             "report": ["metrics.json", "report.md", "report.html"]}.get(stage, [f"{stage}.safetensors"])
+    for r in recipes:
+        names = fit_names(r, stage)
+        files += [f"checkpoints/{n}-{kind}.safetensors" for n in names for kind in ("last", "best")]
+        if stage == "compress":
+            files += [f"{n}.safetensors" for n in names]
+    if stage == "export":
+        files += [p.name for p in run_dir.glob("*.onnx")]
+    for file in files:
+        (run_dir / file).unlink(missing_ok=True)
+    if stage == "report":
+        shutil.rmtree(run_dir / "plots", ignore_errors=True)
+    if stage == "teacher":
+        (run_dir / "log.jsonl").unlink(missing_ok=True)
+
+
+def open_run(recipe: Recipe, run_dir: Path, force: bool = False, on_epoch=None, on_stage=None) -> Run:
+    prepare_run_dir(recipe, run_dir, force)
+    splits = load_splits(recipe.data.source, recipe.data.args, recipe.seed, recipe.data.val_fraction,
+                         recipe.data.test_fraction)
+    run = Run(recipe, Path(run_dir), splits, on_epoch, on_stage)
+    run.check_models()
+    return run
 
 
 def run_pipeline(recipe: Recipe, run_dir: Path, force: bool = False,
                  on_epoch: Callable[[dict], None] | None = None,
-                 on_stage: Callable[[str, int], None] | None = None) -> list[str]:
-    """Run every stage from the first whose output is missing; return the names of the stages run."""
-    run_dir = Path(run_dir)
-    prepare_run_dir(recipe, run_dir, force)
-    splits = load_splits(recipe.data.source, recipe.data.args, recipe.seed, recipe.data.val_fraction,
-                         recipe.data.test_fraction)
-    run = Run(recipe, run_dir, splits, on_epoch, on_stage)
-    run.check_models()
-    missing = [name for name, file in OUTPUTS.items() if not run.path(file).exists()]
-    todo = list(STAGES)[list(STAGES).index(missing[0]):] if missing else []
+                 on_stage: Callable[[str, int], None] | None = None, only: str | None = None) -> list[str]:
+    """Run every stage from the first whose output is missing (or just `only`); return the stages run."""
+    outputs = stage_outputs(recipe)
+    if only is not None and only not in outputs:
+        raise DistilError(f"stage '{only}' is not enabled by this recipe: set {only}.enabled: true "
+                          f"(or pass --set {only}.enabled=true)")
+    run = open_run(recipe, run_dir, force, on_epoch, on_stage)
+    if only is not None:
+        before = list(outputs)[: list(outputs).index(only)]
+        absent = [name for name in before if not run.path(outputs[name]).exists()]
+        if absent:
+            raise DistilError(f"stage '{only}' needs the output of stage '{absent[0]}' ({outputs[absent[0]]}) in "
+                              f"{run_dir}: run `distil run` first")
+        todo = [only]
+    else:
+        missing = [name for name, file in outputs.items() if not run.path(file).exists()]
+        todo = list(outputs)[list(outputs).index(missing[0]):] if missing else []
     for name in todo:
         log.info("stage %s", name)
         STAGES[name](run)
@@ -214,4 +401,3 @@ def load_metrics(run_dir: Path) -> dict:
     if not path.exists():
         raise DistilError(f"{path} not found: run `distil run` first")
     return json.loads(path.read_text())
-

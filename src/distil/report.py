@@ -1,4 +1,5 @@
-"""The report: one comparison table, training curves and trade-off plots, as markdown and self-contained HTML."""
+"""The report: one comparison table, training curves and trade-off plots with the Pareto front,
+as markdown and as a self-contained HTML page."""
 
 from __future__ import annotations
 
@@ -15,30 +16,44 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from distil.checkpoint import atomic_write  # noqa: E402
 
-COLUMNS = ["model", "accuracy", "vs teacher", "agreement", "ECE", "params", "MACs", "size", "latency b1",
-           "throughput b256", "speed-up", "compression"]
+COLUMNS = ["model", "accuracy", "vs teacher", "agreement", "ECE", "params", "MACs", "file", "gzip",
+           "PyTorch b1", "ORT b1", "ORT b256", "ORT speed-up", "size ratio"]
 
 
 def with_ratios(models: dict[str, dict]) -> dict[str, dict]:
-    """Add speed-up (teacher latency / model latency) and compression (teacher params / params)."""
+    """Add ratios against the teacher, each within one runtime:
+    `speedup` (PyTorch batch-1 latency), `ort_speedup_b256` (onnxruntime throughput at batch 256),
+    `size_ratio` (deployable file bytes: ONNX where exported), `compression` (parameters)."""
     teacher = models.get("teacher")
-    for metrics in models.values():
-        if teacher:
-            metrics["speedup"] = teacher["latency_ms_b1"] / metrics["latency_ms_b1"]
-            metrics["compression"] = teacher["params"] / max(1, metrics["params"])
-            metrics["accuracy_delta"] = metrics["accuracy"] - teacher["accuracy"]
+    if not teacher:
+        return models
+    for m in models.values():
+        m["accuracy_delta"] = m["accuracy"] - teacher["accuracy"]
+        m["compression"] = teacher["params"] / max(1, m["params"])
+        if m.get("runtime") == "pytorch":
+            m["speedup"] = teacher["latency_ms_b1"] / m["latency_ms_b1"]
+        if "ort_throughput_b256" in m and "ort_throughput_b256" in teacher:
+            m["ort_speedup_b256"] = m["ort_throughput_b256"] / teacher["ort_throughput_b256"]
+        key = "onnx_bytes" if "onnx_bytes" in m and "onnx_bytes" in teacher else "bytes"
+        m["size_ratio"] = m[key] / teacher[key]
     return models
+
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 def table_rows(models: dict[str, dict]) -> list[list[str]]:
     rows = []
     for name, m in models.items():
-        agreement = "-" if m.get("agreement") is None else f"{m['agreement']:.3f}"
         delta = m.get("accuracy_delta")
-        rows.append([name, f"{m['accuracy']:.3f}", "-" if delta is None else f"{delta * 100:+.1f} pt", agreement,
-                     f"{m['ece']:.3f}", f"{m['params']:,}", _si(m["macs"]), _bytes(m["bytes"]),
-                     f"{m['latency_ms_b1']:.3f} ms", f"{m['throughput_b256']:,.0f}/s",
-                     f"{m.get('speedup', 1.0):.1f}x", f"{m.get('compression', 1.0):.1f}x"])
+        rows.append([
+            name, f"{m['accuracy']:.3f}", "-" if delta is None else f"{delta * 100:+.1f} pt",
+            _fmt(m.get("agreement"), ".3f"), f"{m['ece']:.3f}", f"{m['params']:,}", _si(m["macs"]),
+            _bytes(m.get("onnx_bytes", m["bytes"])), _bytes(m["bytes_gzip"]) if "bytes_gzip" in m else "-",
+            _fmt(m["latency_ms_b1"] if m.get("runtime") == "pytorch" else None, ".3f", " ms"),
+            _fmt(m.get("ort_latency_ms_b1"), ".3f", " ms"), _fmt(m.get("ort_throughput_b256"), ",.0f", "/s"),
+            _fmt(m.get("ort_speedup_b256"), ".1f", "x"), _fmt(m.get("size_ratio"), ".2f")])
     return rows
 
 
@@ -56,18 +71,25 @@ def write_report(run_dir: Path, models: dict[str, dict], history: list[dict], no
              "tradeoff": plot_tradeoff(models, run_dir / "plots" / "tradeoff.png")}
     payload = json.dumps({"models": models, "notes": notes}, indent=2)
     atomic_write(run_dir / "metrics.json", lambda tmp: tmp.write_text(payload))
-    md = _markdown(models, notes, title, plots)
+    md = _markdown(models, notes, title)
     atomic_write(run_dir / "report.md", lambda tmp: tmp.write_text(md))
     page = _html(models, notes, title, plots)
     atomic_write(run_dir / "report.html", lambda tmp: tmp.write_text(page))
     return run_dir / "report.md"
 
 
-def _markdown(models: dict, notes: list[str], title: str, plots: dict[str, Path]) -> str:
-    parts = [f"# {title}", "", markdown_table(models), ""]
+LEGEND = ("file: the deployable file (ONNX where exported, else safetensors); gzip: that file compressed; "
+          "PyTorch b1 / ORT b1: median batch-1 latency; ORT b256: onnxruntime samples/s at batch 256; "
+          "ORT speed-up: ORT b256 throughput against the teacher's; size ratio: file bytes against the teacher's.")
+
+
+def _markdown(models: dict, notes: list[str], title: str) -> str:
+    parts = [f"# {title}", "", markdown_table(models), "", LEGEND, ""]
     parts += [f"- {note}" for note in notes] + [""]
-    parts += ["## Training curves", "", "![training curves](plots/training.png)", "",
-              "## Accuracy against latency and size", "", "![trade-off](plots/tradeoff.png)", ""]
+    parts += ["## Accuracy against latency and size", "",
+              "Filled markers joined by the line are the Pareto front: no other model is both more accurate "
+              "and faster (or smaller).", "", "![trade-off](plots/tradeoff.png)", "",
+              "## Training curves", "", "![training curves](plots/training.png)", ""]
     return "\n".join(parts)
 
 
@@ -77,49 +99,72 @@ def _html(models: dict, notes: list[str], title: str, plots: dict[str, Path]) ->
     images = "".join(
         f'<h2>{html.escape(label)}</h2><img alt="{key}" src="data:image/png;base64,'
         f'{base64.b64encode(plots[key].read_bytes()).decode()}">'
-        for key, label in (("training", "Training curves"), ("tradeoff", "Accuracy against latency and size")))
+        for key, label in (("tradeoff", "Accuracy against latency and size (Pareto front marked)"),
+                           ("training", "Training curves")))
     items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}img{max-width:100%}")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<table><tr>{head}</tr>{body}</table><ul>{items}</ul>{images}</body></html>")
+            f"<table><tr>{head}</tr>{body}</table><p>{html.escape(LEGEND)}</p><ul>{items}</ul>{images}"
+            "</body></html>")
 
 
 def plot_training(history: list[dict], path: Path) -> Path:
     """Per stage: each loss term (top) and validation accuracy (bottom) against epoch."""
     stages = list(dict.fromkeys(r["stage"] for r in history)) or ["(none)"]
-    fig, axes = plt.subplots(2, len(stages), figsize=(4.2 * len(stages), 6), squeeze=False)
+    fig, axes = plt.subplots(2, len(stages), figsize=(3.8 * len(stages), 6), squeeze=False)
     for col, stage in enumerate(stages):
         records = [r for r in history if r["stage"] == stage]
         epochs = [r["epoch"] for r in records]
         for term in dict.fromkeys(k for r in records for k in r["parts"]):
             axes[0][col].plot(epochs, [r["parts"].get(term) for r in records], label=term)
-        axes[0][col].set_title(f"{stage}: loss terms (weighted)")
+        axes[0][col].set_title(f"{stage}: loss terms (weighted)", fontsize=9)
         axes[0][col].set_yscale("log")
         if records:
             axes[0][col].legend(fontsize=7)
         axes[1][col].plot(epochs, [r["val_acc"] for r in records], color="black")
-        axes[1][col].set_title(f"{stage}: validation accuracy")
+        axes[1][col].set_title(f"{stage}: validation accuracy", fontsize=9)
         axes[1][col].set_xlabel("epoch")
     fig.tight_layout()
     return _save(fig, path)
 
 
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names of the points (cost, accuracy) that no other point beats on both: lower cost and higher accuracy."""
+    front = []
+    for name, (cost, acc) in points.items():
+        dominated = any(c <= cost and a >= acc and (c < cost or a > acc) for other, (c, a) in points.items()
+                        if other != name)
+        if not dominated:
+            front.append(name)
+    return sorted(front, key=lambda n: points[n][0])
+
+
 def plot_tradeoff(models: dict[str, dict], path: Path) -> Path:
-    """Accuracy against batch-1 latency and against bytes on disk, one labelled point per model."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "latency_ms_b1", "latency at batch 1 (ms)"),
-                           (axes[1], "bytes", "size on disk (bytes)")):
-        for name, m in models.items():
-            ax.scatter(m[key], m["accuracy"], s=40)
-            ax.annotate(name, (m[key], m["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    """Accuracy against batch-1 latency and against file size, one labelled point per model, front marked."""
+    use_ort = all("ort_latency_ms_b1" in m for m in models.values())
+    latency_key = "ort_latency_ms_b1" if use_ort else "latency_ms_b1"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    panels = ((axes[0], lambda m: m[latency_key], f"latency at batch 1 (ms, {'onnxruntime' if use_ort else 'PyTorch'})"),
+              (axes[1], lambda m: m.get("onnx_bytes", m["bytes"]) / 1024, "file size (KiB)"))
+    for ax, cost, label in panels:
+        points = {name: (cost(m), m["accuracy"]) for name, m in models.items()}
+        front = pareto_front(points)
+        ax.plot([points[n][0] for n in front], [points[n][1] for n in front], "-", color="tab:red", alpha=0.5,
+                drawstyle="steps-post", label="Pareto front")
+        for name, (x, y) in points.items():
+            on_front = name in front
+            ax.scatter(x, y, s=50, color="tab:red" if on_front else "white", edgecolor="tab:red" if on_front
+                       else "gray", zorder=3)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -98,7 +98,8 @@ def _train_epoch(task: Task, train: Split, optimizer, scheduler, cfg: TrainConfi
     seen, start_time = 0, time.perf_counter()
     for step, start in enumerate(range(0, len(train) - batch + 1, batch)):  # drop the ragged last batch
         idx = order[start:start + batch]
-        out = task.forward(train.x[idx], train.y[idx])
+        cached = {} if train.teacher_logits is None else {"teacher_logits": train.teacher_logits[idx]}
+        out = task.forward(train.x[idx], train.y[idx], **cached)
         if not torch.isfinite(out.loss):
             _raise_non_finite(out, epoch, step, last)
         optimizer.zero_grad(set_to_none=True)
