@@ -130,3 +130,47 @@ def test_run_prints_the_table_and_the_report_path(tmp_path, tiny_recipe):
     assert "distill epoch 2/2" in result.output  # one plain line per epoch when not on a terminal
     again = runner.invoke(app, ["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")])
     assert "nothing to do" in again.output
+
+
+def test_a_stage_the_recipe_does_not_enable_exits_2(tmp_path, tiny_recipe):
+    fails_cleanly(["compress", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")],
+                  "stage 'compress' is not enabled by this recipe: set compress.enabled: true")
+
+
+def test_a_stage_before_its_inputs_exist_exits_2(tmp_path, tiny_recipe):
+    tiny_recipe["export"] = {"enabled": True, "quantize": ["student"]}
+    fails_cleanly(["export", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")],
+                  "stage 'export' needs the output of stage 'teacher'")
+
+
+def test_quantizing_a_model_the_run_does_not_have_exits_2(tmp_path, tiny_recipe):
+    tiny_recipe["export"] = {"enabled": True, "quantize": ["teacher-pruned"]}
+    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe)], "export.quantize: this run has no model 'teacher-pruned'")
+
+
+def test_bench_of_a_missing_file_exits_2(tmp_path):
+    fails_cleanly(["bench", str(tmp_path / "model.onnx")], "file not found")
+
+
+@pytest.mark.slow
+def test_compress_and_export_end_to_end(tmp_path, tiny_recipe):
+    """Pruned, fine-tuned, exported, quantized: the report has every row and the files exist."""
+    tiny_recipe["compress"] = {"enabled": True, "ratio": 0.5, "finetune": {"epochs": 1, "batch_size": 64}}
+    tiny_recipe["export"] = {"enabled": True, "quantize": ["student", "teacher-pruned"], "calibration_samples": 64}
+    run_dir = tmp_path / "r"
+    result = runner.invoke(app, ["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    import json
+
+    models = json.loads((run_dir / "metrics.json").read_text())["models"]
+    assert list(models) == ["teacher", "baseline", "student", "student-int8", "teacher-pruned",
+                            "teacher-pruned-int8", "teacher-pruned-labels"]
+    for m in models.values():
+        assert {"accuracy", "params", "macs", "bytes", "latency_ms_b1", "throughput_b256"} <= set(m)
+    assert models["teacher-pruned"]["macs"] < 0.5 * models["teacher"]["macs"]
+    assert models["teacher-pruned-int8"]["runtime"] == "onnxruntime"
+    assert 0.8 <= models["teacher-pruned-int8"]["fp32_agreement"] <= 1
+    exported = json.loads((run_dir / "export.json").read_text())
+    assert all(v.get("max_abs_logit_diff", 0) <= 1e-4 for v in exported.values())
+    bench = runner.invoke(app, ["bench", str(run_dir / "teacher-pruned.safetensors")])
+    assert bench.exit_code == 0 and "onnxruntime" in bench.output and "pytorch" in bench.output

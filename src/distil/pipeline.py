@@ -255,7 +255,7 @@ def report_notes(run: Run) -> list[str]:
              "baseline: the student architecture trained on labels alone, with the same optimiser "
              "steps as the distilled student",
              f"latency: median of {r.report.latency_runs} batch-1 runs after warm-up; throughput at batch "
-             f"{r.report.throughput_batch}; {torch.get_num_threads()} threads"]
+             f"{r.report.throughput_batch}; {torch.get_num_threads()} thread(s) for PyTorch and onnxruntime alike"]
     if r.compress.enabled:
         c = r.compress
         what = (f"{c.ratio:.0%} of channels removed ({c.importance} importance, {c.steps} step(s))"

@@ -158,15 +158,33 @@ def plot_tradeoff(models: dict[str, dict], path: Path) -> Path:
             on_front = name in front
             ax.scatter(x, y, s=50, color="tab:red" if on_front else "white", edgecolor="tab:red" if on_front
                        else "gray", zorder=3)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        _label_points(ax, points)
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _label_points(ax, points: dict[str, tuple[float, float]]) -> None:
+    """Name every point, moving a label down (in steps of one text line) while it would overlap one already placed."""
+    ax.figure.canvas.draw()  # settle the limits so that data -> pixel transforms are final
+    placed: list[tuple[float, float, float, float]] = []
+    for name, (x, y) in sorted(points.items(), key=lambda item: -item[1][1]):
+        px, py = ax.transData.transform((x, y))
+        width, height = 6.2 * len(name), 11
+        for step in range(8):
+            box = (px + 6, py + 4 - step * height, px + 6 + width, py + 4 - step * height + height)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6 * 72 / ax.figure.dpi,
+                    (4 - step * height) * 72 / ax.figure.dpi), fontsize=8)
 
 
 def _save(fig, path: Path) -> Path:
