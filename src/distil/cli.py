@@ -16,7 +16,7 @@ from rich.table import Table
 
 from distil.errors import DistilError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="distil: knowledge distillation and model compression for PyTorch.")
 console = Console(width=None if sys.stdout.isatty() else 160)
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "mnist1d.yaml"
@@ -69,7 +69,7 @@ def _pipeline(recipe: Path | None, run_dir: Path | None, overrides: list[str], f
 
     try:
         source = recipe or (run_dir / "recipe.yaml" if run_dir and (run_dir / "recipe.yaml").exists() else DEFAULT_RECIPE)
-        loaded = load_recipe(apply_overrides(read_recipe(source), overrides))
+        loaded = load_recipe(apply_overrides(read_recipe(source), overrides), where=str(source))
         target = run_dir or Path("runs") / loaded.name
         console.print(f"recipe {source} -> run folder {target}")
         columns = [TextColumn("{task.description:>22}"), BarColumn(bar_width=20), MofNCompleteColumn(),

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from distil.checkpoint import atomic_write, load_weights
-from distil.compress.prune import channel_prune, magnitude_prune, make_permanent
+from distil.compress.prune import channel_prune, magnitude_prune, make_permanent, sparsity_of
 from distil.data import Split, Splits, load_splits
 from distil.distiller import ClassificationTask, Distiller
 from distil.errors import DistilError, ModelError
@@ -142,7 +142,8 @@ def stage_compress(run: Run) -> None:
     source_name = "student" if c.source == "student" else "teacher"
     source = run.load(source_name)
     pruned, info = prune(run, copy.deepcopy(source), source)
-    labels_only = copy.deepcopy(pruned) if c.compare_labels_only else None
+    # pruning is deterministic, so the label-only copy is pruned the same way (a masked model cannot be deep-copied)
+    labels_only = prune(run, copy.deepcopy(source), source)[0] if c.compare_labels_only else None
     name = f"{c.source}-pruned"
     distiller = Distiller(pruned, source, build_terms(run.recipe.distill.terms))
     run.fit(distiller, distiller.with_teacher_logits(run.distill_train()), c.finetune, name)
@@ -188,13 +189,42 @@ def stage_export(run: Run) -> None:
             continue
         mode = e.quantization if e.quantization != "auto" else ("static" if has_convolutions(model) else "dynamic")
         quantize_onnx(run.path(f"{name}.onnx"), run.path(f"{name}-int8.onnx"), mode, calibration, e.per_channel)
+        info = {"file": f"{name}-int8.onnx", "quantization": mode, "per_channel": e.per_channel and mode == "static"}
+        drop = _val_accuracy(run, f"{name}.onnx") - _val_accuracy(run, f"{name}-int8.onnx")
+        info["val_accuracy_drop"] = drop
+        if e.qat and drop > e.qat_threshold:
+            info["qat"] = quantization_aware_finetune(run, name, mode, calibration)
         fp32 = run_onnx(session(run.path(f"{name}.onnx")), test_x).argmax(1)
         int8 = run_onnx(session(run.path(f"{name}-int8.onnx")), test_x).argmax(1)
-        summary[f"{name}-int8"] = {"file": f"{name}-int8.onnx", "quantization": mode,
-                                   "per_channel": e.per_channel and mode == "static",
-                                   "top1_agreement_with_fp32": float((fp32 == int8).mean())}
+        summary[f"{name}-int8"] = {**info, "top1_agreement_with_fp32": float((fp32 == int8).mean())}
     payload = json.dumps(summary, indent=2)
     atomic_write(run.path("export.json"), lambda tmp: tmp.write_text(payload))
+
+
+def _val_accuracy(run: Run, onnx_file: str) -> float:
+    logits = run_onnx(session(run.path(onnx_file)), run.splits.val.x.numpy())
+    return float((logits.argmax(1) == run.splits.val.y.numpy()).mean())
+
+
+def quantization_aware_finetune(run: Run, name: str, mode: str, calibration) -> dict:
+    """Fine-tune `name` with fake int8 quantization, distilling from its teacher (the run's teacher;
+    the unpruned source for a pruned model), then rewrite `<name>-int8.onnx` from the result."""
+    import tempfile
+
+    from distil.compress.qat import fake_quantized
+
+    e = run.recipe.export
+    model = run.load(name)
+    teacher = run.load(name.removesuffix("-pruned-labels").removesuffix("-pruned")
+                       if name.endswith(("-pruned", "-pruned-labels")) else "teacher")
+    with fake_quantized(model):
+        distiller = Distiller(model, teacher, build_terms(run.recipe.distill.terms))
+        run.fit(distiller, distiller.with_teacher_logits(run.distill_train()), e.qat_finetune, f"{name}-qat")
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(model, run.splits.test.x[:256], Path(tmp) / "qat.onnx", e.parity_atol)
+        quantize_onnx(Path(tmp) / "qat.onnx", run.path(f"{name}-int8.onnx"), mode, calibration, e.per_channel)
+    drop = _val_accuracy(run, f"{name}.onnx") - _val_accuracy(run, f"{name}-int8.onnx")
+    return {"epochs": e.qat_finetune.epochs, "val_accuracy_drop_after": drop}
 
 
 def model_names(run: Run) -> list[str]:
@@ -258,8 +288,14 @@ def report_notes(run: Run) -> list[str]:
              f"{r.report.throughput_batch}; {torch.get_num_threads()} thread(s) for PyTorch and onnxruntime alike"]
     if r.compress.enabled:
         c = r.compress
-        what = (f"{c.ratio:.0%} of channels removed ({c.importance} importance, {c.steps} step(s))"
-                if c.method == "channels" else f"{c.ratio:.0%} of weights zeroed ({c.scope} magnitude)")
+        info = load_model_file(run.path(f"{c.source}-pruned.safetensors"))[1].get("pruning", {})
+        if c.method == "channels":
+            first, last = info["history"][0], info["history"][-1]
+            what = (f"{c.ratio:.0%} of channels removed ({c.importance} importance, {c.steps} step(s)): MACs "
+                    f"{first['macs']:,} -> {last['macs']:,} ({last['macs'] / first['macs']:.0%})")
+        else:
+            what = (f"{c.ratio:.0%} of Conv/Linear weights zeroed ({c.scope} magnitude; measured sparsity after "
+                    f"fine-tuning {sparsity_of(run.load(f'{c.source}-pruned')):.1%})")
         notes.append(f"{c.source}-pruned: {what}, then {c.finetune.epochs} epochs of distillation from the unpruned "
                      f"{c.source}; {c.source}-pruned-labels: the same pruned model fine-tuned on labels alone")
         if c.method == "magnitude":
@@ -268,8 +304,11 @@ def report_notes(run: Run) -> list[str]:
     if run.path("export.json").exists():
         for name, info in json.loads(run.path("export.json").read_text()).items():
             if "quantization" in info:
+                qat = (f"; post-training int8 lost {info['val_accuracy_drop']:.1%} of validation accuracy, so it "
+                       f"was fine-tuned with fake quantization for {info['qat']['epochs']} epochs, after which the "
+                       f"loss was {info['qat']['val_accuracy_drop_after']:.1%}") if "qat" in info else ""
                 notes.append(f"{name}: {info['quantization']} int8, top-1 agreement with its fp32 ONNX "
-                             f"{info['top1_agreement_with_fp32']:.3f}")
+                             f"{info['top1_agreement_with_fp32']:.3f}{qat}")
     if r.export.enabled:
         notes.append("int8: onnxruntime post-training quantization (" + r.export.quantization +
                      "; static = QDQ, calibrated on the training split). Speed-up and size "
@@ -316,6 +355,8 @@ def fit_names(recipe: Recipe, stage: str) -> list[str]:
     """The `fit` run names (checkpoint prefixes) of a stage."""
     if stage == "compress":
         return [f"{recipe.compress.source}-pruned", f"{recipe.compress.source}-pruned-labels"]
+    if stage == "export":
+        return [f"{name}-qat" for name in recipe.export.quantize]
     return [stage] if stage in ("teacher", "baseline", "distill") else []
 
 

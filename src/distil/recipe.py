@@ -87,6 +87,11 @@ class ExportSection(_Section):
     per_channel: bool = False
     calibration_samples: int = Field(512, ge=0)
     parity_atol: float = Field(1e-4, gt=0)
+    # where int8 loses more than qat_threshold of validation accuracy against fp32, fine-tune with
+    # fake quantization, distilling from the model's teacher, then quantize again
+    qat: bool = True
+    qat_threshold: float = Field(0.01, ge=0)
+    qat_finetune: TrainSection = Field(default_factory=lambda: TrainSection(epochs=3, lr=1e-4))
 
 
 class ReportSection(_Section):
@@ -108,10 +113,10 @@ class Recipe(_Section):
     report: ReportSection = Field(default_factory=ReportSection)
 
 
-def load_recipe(source: str | Path | dict) -> Recipe:
-    """Read a YAML file (or a dict), validate every section, and check the names it refers to."""
+def load_recipe(source: str | Path | dict, where: str = "recipe") -> Recipe:
+    """Read a YAML file (or a dict from `where`), validate every section, and check the names it refers to."""
     if isinstance(source, dict):
-        raw, where = source, "recipe"
+        raw = source
     else:
         raw, where = _read_yaml(Path(source)), str(source)
     try:
