@@ -11,6 +11,7 @@ measured in this one run. Dynamic quantization of convolutions quantizes activat
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("run_dir", nargs="?", default="runs/mnist1d")
     parser.add_argument("model", nargs="?", default="teacher-pruned")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     run_dir = Path(args.run_dir)
     fp32 = run_dir / f"{args.model}.onnx"
@@ -40,13 +42,15 @@ def main() -> None:
         files = {"fp32": fp32, "dynamic int8": Path(tmp) / "dynamic.onnx", "static int8": Path(tmp) / "static.onnx"}
         quantize_onnx(fp32, files["dynamic int8"], "dynamic")
         quantize_onnx(fp32, files["static int8"], "static", splits.train.x[:512].numpy())
-        rows = {}
-        for name, path in files.items():
-            sess = session(path, args.threads)
-            accuracy = float((run_onnx(sess, test_x).argmax(1) == test_y).mean())
-            _, throughput = ort_speed(sess, test_x, runs=50, batch=256)
-            rows[name] = (path.stat().st_size, accuracy, throughput)
-    print(f"{args.model} from {run_dir}, onnxruntime, {args.threads} thread(s), batch 256")
+        sessions = {name: session(path, args.threads) for name, path in files.items()}
+        speeds: dict[str, list[float]] = {name: [] for name in files}
+        for _ in range(args.rounds):  # interleaved, so that a slow spell of the machine hits every form
+            for name, sess in sessions.items():
+                speeds[name].append(ort_speed(sess, test_x, runs=50, batch=256)[1])
+        rows = {name: (path.stat().st_size, float((run_onnx(sessions[name], test_x).argmax(1) == test_y).mean()),
+                       statistics.median(speeds[name])) for name, path in files.items()}
+    print(f"{args.model} from {run_dir}, onnxruntime, {args.threads} thread(s), batch 256, "
+          f"median of {args.rounds} interleaved rounds")
     print(f"{'form':<14}{'bytes':>10}{'accuracy':>10}{'samples/s':>12}{'vs fp32':>9}")
     for name, (size, accuracy, throughput) in rows.items():
         print(f"{name:<14}{size:>10,}{accuracy:>10.3f}{throughput:>12,.0f}{throughput / rows['fp32'][2]:>8.2f}x")

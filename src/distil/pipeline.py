@@ -304,9 +304,9 @@ def report_notes(run: Run) -> list[str]:
     if run.path("export.json").exists():
         for name, info in json.loads(run.path("export.json").read_text()).items():
             if "quantization" in info:
-                qat = (f"; post-training int8 lost {info['val_accuracy_drop']:.1%} of validation accuracy, so it "
-                       f"was fine-tuned with fake quantization for {info['qat']['epochs']} epochs, after which the "
-                       f"loss was {info['qat']['val_accuracy_drop_after']:.1%}") if "qat" in info else ""
+                qat = (f"; post-training int8 lost {info['val_accuracy_drop'] * 100:.1f} points of validation "
+                       f"accuracy, so it was fine-tuned with fake quantization for {info['qat']['epochs']} epochs, "
+                       f"after which it lost {info['qat']['val_accuracy_drop_after'] * 100:.1f}") if "qat" in info else ""
                 notes.append(f"{name}: {info['quantization']} int8, top-1 agreement with its fp32 ONNX "
                              f"{info['top1_agreement_with_fp32']:.3f}{qat}")
     if r.export.enabled:
