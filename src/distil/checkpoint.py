@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -68,7 +69,12 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     if path.suffix in (".pt", ".pth", ".bin"):
         if not path.is_file():
             raise DistilError(f"checkpoint file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError) as err:
+            raise ModelError(f"{path} holds more than tensors (a pickled object), and distil loads .pt files only "
+                             "with weights_only=True. Save a state dict instead: torch.save(model.state_dict(), "
+                             f"path), or use safetensors. ({str(err).splitlines()[0]})") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
     else:
