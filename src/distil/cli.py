@@ -91,7 +91,8 @@ def _pipeline(recipe: Path | None, run_dir: Path | None, overrides: list[str], f
 def run(recipe: Path = RECIPE_ARG, run_dir: Path = RUN_DIR,
         force: bool = typer.Option(False, "--force", help="Start over instead of resuming."),
         overrides: list[str] = SET) -> None:
-    """Run the whole pipeline (teacher, baseline, distill, [compress, export,] report) into a run folder.
+    """Run the whole pipeline into a run folder: teacher, baseline, distill, compress and export (when
+    the recipe enables them), report.
 
     Rerunning resumes at the first stage whose output is missing; after a recipe change, it redoes
     the first stage the change affects and everything after it.
@@ -158,8 +159,8 @@ def list_(what: str = typer.Argument(..., help="methods | models | datasets")) -
     if what not in registries:
         _fail(DistilError(f"cannot list '{what}'." + did_you_mean(what, registries)))
     for name, obj in registries[what].items():
-        doc = (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
-        print(f"{name:<14} {doc}")
+        summary = " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())  # first paragraph, one line
+        print(f"{name:<14} {summary}")
 
 
 def entry() -> None:
