@@ -83,3 +83,24 @@ def test_readme_example_runs_as_written(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code, "README example", "exec"), namespace)
     assert namespace["student_acc"] > 0.85  # digits: a small CNN, distilled for a few epochs
+
+
+def test_a_teacher_given_as_a_checkpoint_is_loaded_not_trained(tmp_path, tiny_recipe):
+    import torch
+
+    from distil.checkpoint import save_model
+    from distil.models import build_model
+    from distil.pipeline import Run, stage_teacher
+    from distil.data import load_splits
+
+    torch.manual_seed(5)
+    given = build_model("cnn", (1, 8, 8), 10, width=8, depth=2)
+    torch.save(given.state_dict(), tmp_path / "teacher.pt")  # a plain state dict, read with weights_only
+    tiny_recipe["teacher"]["checkpoint"] = str(tmp_path / "teacher.pt")
+    recipe = load_recipe(tiny_recipe)
+    run = Run(recipe, tmp_path / "run", load_splits("digits", {}, seed=0))
+    run.run_dir.mkdir()
+    stage_teacher(run)
+    assert not (run.run_dir / "log.jsonl").exists()  # no training happened
+    loaded = run.load("teacher")
+    assert all(torch.equal(a, b) for a, b in zip(given.state_dict().values(), loaded.state_dict().values()))
