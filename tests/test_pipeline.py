@@ -90,7 +90,7 @@ def test_a_teacher_given_as_a_checkpoint_is_loaded_not_trained(tmp_path, tiny_re
 
     from distil.checkpoint import save_model
     from distil.models import build_model
-    from distil.pipeline import Run, stage_teacher
+    from distil.stages import Run, stage_teacher
     from distil.data import load_splits
 
     torch.manual_seed(5)

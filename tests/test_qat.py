@@ -51,14 +51,14 @@ def test_fake_quantized_block_leaves_a_plain_model_with_trained_weights():
 
 @pytest.mark.slow
 def test_export_fine_tunes_with_fake_quantization_when_int8_loses_accuracy(tmp_path, tiny_recipe, monkeypatch):
-    import distil.pipeline as pipeline
+    import distil.stages as stages
     from distil.pipeline import run_pipeline
     from distil.recipe import load_recipe
 
     tiny_recipe["export"] = {"enabled": True, "quantize": ["student"], "qat_finetune": {"epochs": 1}}
     drops = iter([0.05, 0.0])  # int8 first loses 5 points of validation accuracy, after QAT none
-    real = pipeline._val_accuracy
-    monkeypatch.setattr(pipeline, "_val_accuracy", lambda run, f: real(run, f) - (next(drops) if "int8" in f else 0))
+    real = stages._val_accuracy
+    monkeypatch.setattr(stages, "_val_accuracy", lambda run, f: real(run, f) - (next(drops) if "int8" in f else 0))
     run_pipeline(load_recipe(tiny_recipe), tmp_path)
     info = json.loads((tmp_path / "export.json").read_text())["student-int8"]
     assert info["val_accuracy_drop"] > 0.01 and info["qat"]["epochs"] == 1

@@ -1,0 +1,329 @@
+"""The stages of a run, each a plain function of a `Run` that reads and writes the run folder.
+
+    teacher  : fit(teacher, CE)             -> teacher.safetensors (or load recipe.teacher.checkpoint)
+    baseline : fit(student copy, CE)        -> baseline.safetensors (same student, no teacher, same steps)
+    distill  : fit(Distiller(...))          -> student.safetensors (+ student.connectors.safetensors)
+    compress : prune a source, fine-tune it with the unpruned source as teacher (and, to compare,
+               on labels alone)             -> <source>-pruned.safetensors, <source>-pruned-labels.safetensors
+    export   : ONNX of every model (parity-checked) + int8 of the chosen ones -> *.onnx, export.json
+    report   : evaluate every model on test -> metrics.json, report.md, report.html, plots/
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from distil.checkpoint import atomic_write, load_weights
+from distil.compress.prune import channel_prune, magnitude_prune, make_permanent, sparsity_of
+from distil.data import Split, Splits
+from distil.distiller import ClassificationTask, Distiller
+from distil.errors import ModelError
+from distil.evaluate import evaluate_model, evaluate_onnx, predict_logits
+from distil.export import export_onnx, has_convolutions, quantize_onnx, run_onnx, session
+from distil.modelfile import load_model_file, save_model_file
+from distil.models import build_model
+from distil.recipe import ModelSection, Recipe, TrainSection, build_terms
+from distil.report import with_ratios, write_report
+from distil.train import TrainConfig, fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """What every stage needs: the recipe, its run folder, the data, and where to send epoch records."""
+
+    recipe: Recipe
+    run_dir: Path
+    splits: Splits
+    on_epoch: Callable[[dict], None] | None = None
+    on_stage: Callable[[str, int], None] | None = None
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def model(self, role: str) -> nn.Module:
+        """A freshly initialised teacher or student (seeded, so every build is the same)."""
+        section: ModelSection = getattr(self.recipe, role)
+        torch.manual_seed(self.recipe.seed)
+        return build_model(section.model, self.splits.input_shape, self.splits.num_classes, **section.knobs())
+
+    def check_models(self) -> None:
+        """Fail before any training if a model's output does not fit the data (or the other model)."""
+        sample = self.splits.train.x[:2]
+        for role in ("teacher", "student"):
+            model = self.model(role).eval()
+            with torch.no_grad():
+                try:
+                    logits = model(sample)
+                except RuntimeError as err:
+                    raise ModelError(f"the {role} ({getattr(self.recipe, role).model}) fails on inputs of shape "
+                                     f"{list(sample.shape)}: {err}") from err
+            if tuple(logits.shape) != (2, self.splits.num_classes):
+                raise ModelError(
+                    f"the {role} ({getattr(self.recipe, role).model}) gives outputs of shape {list(logits.shape)} "
+                    f"for a batch of 2, but the data has {self.splits.num_classes} classes: teacher and student "
+                    f"must both give (batch, {self.splits.num_classes}) logits. Build it with num_classes.")
+
+    def fit(self, task, train: Split, section: TrainSection, name: str, epochs: int | None = None):
+        cfg = TrainConfig(**section.model_dump(), seed=self.recipe.seed)
+        if epochs is not None:
+            cfg = TrainConfig(**{**cfg.__dict__, "epochs": epochs})
+        if self.on_stage:
+            self.on_stage(name, cfg.epochs)
+        return fit(task, train, self.splits.val, cfg, name=name, checkpoint_dir=self.path("checkpoints"),
+                   log_path=self.path("log.jsonl"), on_epoch=self.on_epoch)
+
+    def save(self, model: nn.Module, name: str, role: str, **extra) -> None:
+        section: ModelSection = getattr(self.recipe, role)
+        spec = {"model": section.model, "knobs": section.knobs(), "input_shape": list(self.splits.input_shape),
+                "num_classes": self.splits.num_classes, "class_names": self.splits.class_names}
+        save_model_file(model, self.path(f"{name}.safetensors"), spec, **extra)
+
+    def load(self, name: str) -> nn.Module:
+        return load_model_file(self.path(f"{name}.safetensors"))[0]
+
+    def distill_train(self) -> Split:
+        return self.splits.with_transfer() if self.recipe.distill.use_transfer else self.splits.train
+
+
+# --- stages ----------------------------------------------------------------------------------
+
+
+def stage_teacher(run: Run) -> None:
+    section = run.recipe.teacher
+    teacher = run.model("teacher")
+    if section.checkpoint:
+        load_weights(teacher, Path(section.checkpoint))
+    else:
+        run.fit(ClassificationTask(teacher), run.splits.train, section.train, "teacher")
+    run.save(teacher, "teacher", "teacher")
+
+
+def stage_baseline(run: Run) -> None:
+    """The student trained on labels alone, with the student's settings and as many optimiser
+    steps as the distillation stage takes (its training set may be larger)."""
+    section = run.recipe.student.train
+    steps = section.epochs * max(1, len(run.distill_train()) // section.batch_size)
+    epochs = math.ceil(steps / max(1, len(run.splits.train) // section.batch_size))
+    student = run.model("student")
+    run.fit(ClassificationTask(student), run.splits.train, section, "baseline", epochs=epochs)
+    run.save(student, "baseline", "student")
+
+
+def stage_distill(run: Run) -> None:
+    teacher = run.load("teacher")
+    student = run.model("student")
+    distiller = Distiller(student, teacher, build_terms(run.recipe.distill.terms))
+    run.fit(distiller, distiller.with_teacher_logits(run.distill_train()), run.recipe.student.train, "distill")
+    run.save(student, "student", "student")
+    distiller.save_connectors(run.path("student.connectors.safetensors"))
+
+
+def stage_compress(run: Run) -> None:
+    """Prune the source, then fine-tune with the unpruned source as teacher (and a copy on labels)."""
+    c = run.recipe.compress
+    source_name = "student" if c.source == "student" else "teacher"
+    source = run.load(source_name)
+    pruned, info = prune(run, copy.deepcopy(source), source)
+    # pruning is deterministic, so the label-only copy is pruned the same way (a masked model cannot be deep-copied)
+    labels_only = prune(run, copy.deepcopy(source), source)[0] if c.compare_labels_only else None
+    name = f"{c.source}-pruned"
+    distiller = Distiller(pruned, source, build_terms(run.recipe.distill.terms))
+    run.fit(distiller, distiller.with_teacher_logits(run.distill_train()), c.finetune, name)
+    run.save(make_permanent(pruned), name, source_name, pruned=c.method == "channels", pruning=info,
+             finetune="distillation from the unpruned source")
+    if labels_only is not None:
+        run.fit(ClassificationTask(labels_only), run.splits.train, c.finetune, f"{name}-labels")
+        run.save(make_permanent(labels_only), f"{name}-labels", source_name, pruned=c.method == "channels",
+                 pruning=info, finetune="labels only")
+
+
+def prune(run: Run, model: nn.Module, source: nn.Module) -> tuple[nn.Module, dict]:
+    c = run.recipe.compress
+    if c.method == "magnitude":
+        return model, magnitude_prune(model, c.ratio, c.scope, tuple(c.exclude), permanent=False)
+    x, y = run.splits.train.x[:256], run.splits.train.y[:256]
+    short = TrainConfig(**{**c.finetune.model_dump(), "epochs": max(1, c.finetune.epochs // c.steps)},
+                        seed=run.recipe.seed)
+
+    def between_steps(step: int) -> None:  # a short distillation fine-tune between pruning steps
+        distiller = Distiller(model, source, build_terms(run.recipe.distill.terms))
+        fit(distiller, distiller.with_teacher_logits(run.distill_train()), None, short)
+
+    info = channel_prune(model, x[:1], c.ratio, c.importance, c.target, c.steps, tuple(c.exclude),
+                         between_steps=between_steps, taylor_loss=lambda m: F.cross_entropy(m(x), y))
+    return model, info
+
+
+def stage_export(run: Run) -> None:
+    """fp32 ONNX of every model (parity-checked against PyTorch), int8 of those in export.quantize.
+
+    Every file is written atomically; export.json, which marks the stage done, comes last.
+    """
+    e = run.recipe.export
+    sample, test_x = run.splits.test.x[:256], run.splits.test.x.numpy()
+    calibration = run.splits.train.x[: e.calibration_samples].numpy()
+    summary: dict[str, dict] = {}
+    for name in model_names(run):
+        model = run.load(name)
+        diff = export_onnx(model, sample, run.path(f"{name}.onnx"), e.parity_atol)
+        summary[name] = {"file": f"{name}.onnx", "max_abs_logit_diff": diff}
+        if name not in e.quantize:
+            continue
+        mode = e.quantization if e.quantization != "auto" else ("static" if has_convolutions(model) else "dynamic")
+        quantize_onnx(run.path(f"{name}.onnx"), run.path(f"{name}-int8.onnx"), mode, calibration, e.per_channel)
+        info = {"file": f"{name}-int8.onnx", "quantization": mode, "per_channel": e.per_channel and mode == "static"}
+        drop = _val_accuracy(run, f"{name}.onnx") - _val_accuracy(run, f"{name}-int8.onnx")
+        info["val_accuracy_drop"] = drop
+        if e.qat and drop > e.qat_threshold:
+            info["qat"] = quantization_aware_finetune(run, name, mode, calibration)
+        fp32 = run_onnx(session(run.path(f"{name}.onnx")), test_x).argmax(1)
+        int8 = run_onnx(session(run.path(f"{name}-int8.onnx")), test_x).argmax(1)
+        summary[f"{name}-int8"] = {**info, "top1_agreement_with_fp32": float((fp32 == int8).mean())}
+    payload = json.dumps(summary, indent=2)
+    atomic_write(run.path("export.json"), lambda tmp: tmp.write_text(payload))
+
+
+def _val_accuracy(run: Run, onnx_file: str) -> float:
+    logits = run_onnx(session(run.path(onnx_file)), run.splits.val.x.numpy())
+    return float((logits.argmax(1) == run.splits.val.y.numpy()).mean())
+
+
+def quantization_aware_finetune(run: Run, name: str, mode: str, calibration) -> dict:
+    """Fine-tune `name` with fake int8 quantization, distilling from its teacher (the run's teacher;
+    the unpruned source for a pruned model), then rewrite `<name>-int8.onnx` from the result."""
+    import tempfile
+
+    from distil.compress.qat import fake_quantized
+
+    e = run.recipe.export
+    model = run.load(name)
+    teacher = run.load(name.removesuffix("-pruned-labels").removesuffix("-pruned")
+                       if name.endswith(("-pruned", "-pruned-labels")) else "teacher")
+    with fake_quantized(model):
+        distiller = Distiller(model, teacher, build_terms(run.recipe.distill.terms))
+        run.fit(distiller, distiller.with_teacher_logits(run.distill_train()), e.qat_finetune, f"{name}-qat")
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(model, run.splits.test.x[:256], Path(tmp) / "qat.onnx", e.parity_atol)
+        quantize_onnx(Path(tmp) / "qat.onnx", run.path(f"{name}-int8.onnx"), mode, calibration, e.per_channel)
+    drop = _val_accuracy(run, f"{name}.onnx") - _val_accuracy(run, f"{name}-int8.onnx")
+    return {"epochs": e.qat_finetune.epochs, "val_accuracy_drop_after": drop}
+
+
+def model_names(run: Run) -> list[str]:
+    """The PyTorch models of this run, in report order."""
+    names = ["teacher", "baseline", "student"]
+    if run.recipe.compress.enabled:
+        names.append(f"{run.recipe.compress.source}-pruned")
+        if run.recipe.compress.compare_labels_only:
+            names.append(f"{run.recipe.compress.source}-pruned-labels")
+    return names
+
+
+def stage_report(run: Run) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(run.recipe.report.threads or os.cpu_count() or 1)
+    try:
+        _report(run)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _report(run: Run) -> None:
+    r = run.recipe.report
+    test = run.splits.test
+    teacher_pred = predict_logits(run.load("teacher"), test.x).argmax(1)
+    models: dict[str, dict] = {}
+    for name in model_names(run):
+        file = run.path(f"{name}.safetensors")
+        model, meta = load_model_file(file)
+        models[name] = evaluate_model(model, test, file, teacher_pred, r.latency_runs, r.throughput_batch)
+        if meta.get("pruning"):
+            models[name]["pruning"] = meta["pruning"]
+        if run.path(f"{name}.onnx").exists():
+            ort = evaluate_onnx(run.path(f"{name}.onnx"), test, teacher_pred, r.latency_runs, r.throughput_batch)
+            models[name].update({"onnx_bytes": ort["bytes"], "ort_latency_ms_b1": ort["ort_latency_ms_b1"],
+                                 "ort_throughput_b256": ort["ort_throughput_b256"]})
+        int8 = run.path(f"{name}-int8.onnx")
+        if int8.exists():
+            ort = evaluate_onnx(int8, test, teacher_pred, r.latency_runs, r.throughput_batch)
+            exported = json.loads(run.path("export.json").read_text()).get(f"{name}-int8", {})
+            models[f"{name}-int8"] = {**ort, "params": models[name]["params"], "macs": models[name]["macs"],
+                                      "quantization": exported.get("quantization"),
+                                      "fp32_agreement": exported.get("top1_agreement_with_fp32"),
+                                      "onnx_bytes": ort["bytes"], "latency_ms_b1": ort["ort_latency_ms_b1"],
+                                      "throughput_b256": ort["ort_throughput_b256"], "runtime": "onnxruntime"}
+    write_report(run.run_dir, with_ratios(models), read_history(run.path("log.jsonl")), report_notes(run),
+                 f"distil report: {run.recipe.name}")
+
+
+def report_notes(run: Run) -> list[str]:
+    r, s = run.recipe, run.splits
+    transfer = len(s.transfer) if s.transfer is not None and r.distill.use_transfer else 0
+    terms = ", ".join(json.dumps(t) for t in r.distill.terms)
+    notes = [f"data: {r.data.source}, {len(s.train)} train / {len(s.val)} val / {len(s.test)} test samples, "
+             f"{transfer} unlabeled transfer samples for distillation",
+             f"teacher: {r.teacher.model} {r.teacher.knobs()}; student: {r.student.model} {r.student.knobs()}",
+             f"distillation terms: {terms}",
+             "baseline: the student architecture trained on labels alone, with the same optimiser "
+             "steps as the distilled student",
+             f"latency: median of {r.report.latency_runs} batch-1 runs after warm-up; throughput at batch "
+             f"{r.report.throughput_batch}; {torch.get_num_threads()} thread(s) for PyTorch and onnxruntime alike"]
+    if r.compress.enabled:
+        c = r.compress
+        info = load_model_file(run.path(f"{c.source}-pruned.safetensors"))[1].get("pruning", {})
+        if c.method == "channels":
+            first, last = info["history"][0], info["history"][-1]
+            what = (f"{c.ratio:.0%} of channels removed ({c.importance} importance, {c.steps} step(s)): MACs "
+                    f"{first['macs']:,} -> {last['macs']:,} ({last['macs'] / first['macs']:.0%})")
+        else:
+            what = (f"{c.ratio:.0%} of Conv/Linear weights zeroed ({c.scope} magnitude; measured sparsity after "
+                    f"fine-tuning {sparsity_of(run.load(f'{c.source}-pruned')):.1%})")
+        notes.append(f"{c.source}-pruned: {what}, then {c.finetune.epochs} epochs of distillation from the unpruned "
+                     f"{c.source}; {c.source}-pruned-labels: the same pruned model fine-tuned on labels alone")
+        if c.method == "magnitude":
+            notes.append("unstructured sparsity: dense kernels do not run faster on zeros, so latency does not drop; "
+                         "the gain is in compressed size (gzip column)")
+    if run.path("export.json").exists():
+        for name, info in json.loads(run.path("export.json").read_text()).items():
+            if "quantization" in info:
+                qat = (f"; post-training int8 lost {info['val_accuracy_drop'] * 100:.1f} points of validation "
+                       f"accuracy, so it was fine-tuned with fake quantization for {info['qat']['epochs']} epochs, "
+                       f"after which it lost {info['qat']['val_accuracy_drop_after'] * 100:.1f}") if "qat" in info else ""
+                notes.append(f"{name}: {info['quantization']} int8, top-1 agreement with its fp32 ONNX "
+                             f"{info['top1_agreement_with_fp32']:.3f}{qat}")
+    if r.export.enabled:
+        notes.append("int8: onnxruntime post-training quantization (" + r.export.quantization +
+                     "; static = QDQ, calibrated on the training split). Speed-up and size "
+                     "ratios are against the teacher in the same runtime (onnxruntime)")
+    return notes
+
+
+def read_history(path: Path) -> list[dict]:
+    """Epoch records of log.jsonl; a stage that resumed keeps only its latest record per epoch."""
+    if not path.exists():
+        return []
+    records = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[(record["stage"], record["epoch"])] = record
+    order = list(dict.fromkeys(r["stage"] for r in records.values()))
+    return sorted(records.values(), key=lambda r: (order.index(r["stage"]), r["epoch"]))
+
+
+STAGES: dict[str, Callable[[Run], None]] = {
+    "teacher": stage_teacher, "baseline": stage_baseline, "distill": stage_distill,
+    "compress": stage_compress, "export": stage_export, "report": stage_report}
