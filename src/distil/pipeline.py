@@ -67,9 +67,13 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, force: bool) -> None:
         if first:
             log.info("recipe changed: redoing stages from %s", first)
     if first and run_dir.exists():
-        previous = Recipe.model_validate(yaml.safe_load(saved.read_text())) if saved.exists() else recipe
+        recipes = [recipe]
+        try:  # the old recipe names the old compress/export files; one from another distil version may not load
+            recipes.append(Recipe.model_validate(yaml.safe_load(saved.read_text())))
+        except (OSError, ValueError, yaml.YAMLError):
+            pass
         for stage in stages[stages.index(first):]:
-            _remove_stage_outputs(run_dir, stage, [previous, recipe])
+            _remove_stage_outputs(run_dir, stage, recipes)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = dump_recipe(recipe)
     atomic_write(saved, lambda tmp: tmp.write_text(resolved))
