@@ -45,6 +45,8 @@ def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """' Did you mean 'x'?' when a close candidate exists, else the list of valid names."""
     candidates = sorted(set(candidates))
+    if not candidates:
+        return " It takes none."
     near = closest(name, candidates, n=3)
     if near:
         return " Did you mean " + " or ".join(repr(c) for c in near) + "?"

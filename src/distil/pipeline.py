@@ -114,13 +114,14 @@ def run_pipeline(recipe: Recipe, run_dir: Path, force: bool = False,
     if only is not None and only not in outputs:
         raise DistilError(f"stage '{only}' is not enabled by this recipe: set {only}.enabled: true "
                           f"(or pass --set {only}.enabled=true)")
-    run = open_run(recipe, run_dir, force, on_epoch, on_stage)
-    if only is not None:
+    if only is not None:  # checked before anything is written
         before = list(outputs)[: list(outputs).index(only)]
-        absent = [name for name in before if not run.path(outputs[name]).exists()]
+        absent = [name for name in before if not (Path(run_dir) / outputs[name]).exists()]
         if absent:
             raise DistilError(f"stage '{only}' needs the output of stage '{absent[0]}' ({outputs[absent[0]]}) in "
                               f"{run_dir}: run `distil run` first")
+    run = open_run(recipe, run_dir, force, on_epoch, on_stage)
+    if only is not None:
         todo = [only]
     else:
         missing = [name for name, file in outputs.items() if not run.path(file).exists()]

@@ -202,7 +202,8 @@ def bind_kwargs(fn, kwargs: dict[str, Any], where: str) -> dict[str, Any]:
         for e in err.errors():
             name = ".".join(str(p) for p in e["loc"])
             if e["type"] == "extra_forbidden":
-                problems.append(f"unknown option '{name}' (allowed: {sorted(fields)})." + did_you_mean(name, fields))
+                allowed = f"allowed: {sorted(fields)}" if fields else "it takes no options"
+                problems.append(f"unknown option '{name}' ({allowed})." + (did_you_mean(name, fields) if fields else ""))
             else:
                 problems.append(f"'{name}': {e['msg']} (got {e.get('input')!r})")
         raise RecipeError(f"{where}: " + " ".join(problems)) from None
