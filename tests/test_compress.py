@@ -113,3 +113,11 @@ def test_a_layer_structured_pruning_cannot_handle_is_named():
     with pytest.raises(ModelError, match=r"cannot handle module '1' \(Scaled\).*compress.exclude: \['1'\]"):
         channel_prune(model, torch.randn(1, 1, 40), 0.5)
     assert model[0].out_channels == 8  # nothing was changed
+
+
+def test_pruning_in_steps_fine_tunes_between_steps_only():
+    model = build_model("cnn1d", (1, 40), 10, width=16, depth=2)
+    calls = []
+    info = channel_prune(model, torch.randn(1, 1, 40), 0.5, steps=3, between_steps=calls.append)
+    assert calls == [1, 2] and len(info["history"]) == 4
+    assert model.get_submodule("layer1.0").out_channels == 8

@@ -100,3 +100,18 @@ def test_imagefolder_reads_class_folders(tmp_path):
 
 def test_every_source_is_listed():
     assert set(SOURCES) == {"mnist1d", "digits", "npz", "imagefolder", "csv"}
+
+
+def test_labels_of_any_values_become_classes_and_never_collide_with_unlabeled(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.array([-1, 0, 1] * 20)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(60, 3)), y=y)
+    s = load_splits("npz", {"path": str(tmp_path / "d.npz")}, seed=0)
+    assert s.num_classes == 3 and s.class_names == ["-1", "0", "1"]
+    assert set(s.train.y.tolist()) == {0, 1, 2}
+
+
+def test_one_hot_labels_are_refused_with_a_hint(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((6, 3)), y=np.eye(3)[[0, 1, 2, 0, 1, 2]])
+    with pytest.raises(DataError, match=r"one class label per sample.*y.argmax\(1\)"):
+        load_splits("npz", {"path": str(tmp_path / "d.npz")})

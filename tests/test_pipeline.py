@@ -104,3 +104,17 @@ def test_a_teacher_given_as_a_checkpoint_is_loaded_not_trained(tmp_path, tiny_re
     assert not (run.run_dir / "log.jsonl").exists()  # no training happened
     loaded = run.load("teacher")
     assert all(torch.equal(a, b) for a, b in zip(given.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_a_recipe_that_cannot_run_leaves_the_folder_untouched(tmp_path, tiny_recipe):
+    from distil.errors import ModelError
+    from distil.pipeline import prepare_run_dir
+
+    prepare_run_dir(load_recipe(tiny_recipe), tmp_path, force=False)
+    for file in FILES[:3]:
+        (tmp_path / file).write_text("x")
+    saved = (tmp_path / "recipe.yaml").read_text()
+    tiny_recipe["teacher"] = {"model": "nozoo:make"}  # a typo in a user factory's module
+    with pytest.raises(ModelError, match="cannot import module 'nozoo'"):
+        run_pipeline(load_recipe(tiny_recipe), tmp_path)
+    assert all((tmp_path / f).exists() for f in FILES[:3]) and (tmp_path / "recipe.yaml").read_text() == saved

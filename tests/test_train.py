@@ -35,7 +35,8 @@ def test_fit_learns_and_logs_one_record_per_epoch(tmp_path):
     assert result.best_val_acc == max(r["val_acc"] for r in lines)
 
 
-@pytest.mark.parametrize("optimizer,schedule", [("sgd", "onecycle"), ("adamw", "cosine"), ("sgd", "step")])
+@pytest.mark.parametrize("optimizer,schedule", [("sgd", "onecycle"), ("adamw", "cosine"), ("sgd", "step"),
+                                                ("adamw", "constant")])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, optimizer, schedule):
     cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05, optimizer=optimizer, schedule=schedule, step_size=1)
     train, val = blobs(), blobs(60, seed=1)
@@ -90,10 +91,11 @@ def test_early_stopping_stops_after_patience_without_improvement():
     assert result.stopped_early and len(result.history) == 3  # best at epoch 1, then 2 without gain
 
 
-def test_best_weights_are_restored(tmp_path):
+@pytest.mark.parametrize("with_dir", [True, False])
+def test_best_weights_are_restored(tmp_path, with_dir):
     model = mlp(0)
-    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05)
-    result = fit(ClassificationTask(model), blobs(), blobs(60, seed=1), cfg, checkpoint_dir=tmp_path)
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=3.0, optimizer="sgd")  # a wild lr: val accuracy jumps around
+    result = fit(ClassificationTask(model), blobs(), blobs(60, seed=1), cfg, checkpoint_dir=tmp_path if with_dir else None)
     assert accuracy(model, blobs(60, seed=1)) == pytest.approx(result.best_val_acc)
 
 

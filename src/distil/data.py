@@ -242,27 +242,39 @@ def load_splits(source: str, args: dict, seed: int = 0, val_fraction: float = 0.
 
 
 def make_splits(raw: RawData, seed: int, val_fraction: float, test_fraction: float) -> Splits:
-    x, y = np.asarray(raw.x, dtype=np.float32), np.asarray(raw.y).astype(np.int64)
+    x = np.asarray(raw.x, dtype=np.float32)
     if len(x) == 0:
         raise DataError("the data set is empty: the source returned no samples")
-    if len(x) != len(y):
-        raise DataError(f"x has {len(x)} samples but y has {len(y)}: they must match")
+    if x.ndim < 2:
+        raise DataError(f"x must hold one sample per row, (N, features...), got shape {list(x.shape)}")
+    labels = [np.asarray(raw.y)] + ([np.asarray(raw.y_test)] if raw.x_test is not None else [])
+    if any(lab.ndim != 1 for lab in labels) or len(x) != len(labels[0]):
+        raise DataError(f"y must be one class label per sample: x has {len(x)} samples, y has shape "
+                        f"{list(labels[0].shape)}. One-hot labels: pass y.argmax(1).")
+    # labels of any values (strings, 1..10, -1) become 0..K-1; -1 is reserved for unlabeled transfer samples
+    values, codes = np.unique(np.concatenate(labels), return_inverse=True)
+    y = codes[: len(labels[0])].astype(np.int64)
+    class_names = raw.class_names if raw.class_names and len(raw.class_names) == len(values) else [
+        str(v) for v in values]
     rng = np.random.default_rng(seed)
     if raw.x_test is None:
         x, y, x_test, y_test = _hold_out(x, y, test_fraction, rng)
     else:
-        x_test, y_test = np.asarray(raw.x_test, dtype=np.float32), np.asarray(raw.y_test).astype(np.int64)
+        x_test, y_test = np.asarray(raw.x_test, dtype=np.float32), codes[len(labels[0]):].astype(np.int64)
+        if x_test.shape[1:] != x.shape[1:]:
+            raise DataError(f"x_test samples have shape {list(x_test.shape[1:])}, x samples {list(x.shape[1:])}: "
+                            "they must match")
     x, y, x_val, y_val = _hold_out(x, y, val_fraction, rng)
     if len(x) == 0 or len(x_test) == 0:
         raise DataError(f"too few samples ({len(raw.x)}) to split into train/val/test; give more data")
     mean, std = _stats(x)
     norm = lambda a: torch.from_numpy((a - mean) / std).float()  # noqa: E731
-    num_classes = int(max(y.max(), y_test.max())) + 1
+    num_classes = len(values)
     transfer = norm(np.asarray(raw.transfer, dtype=np.float32)) if raw.transfer is not None else None
     if transfer is not None and transfer.shape[1:] != x.shape[1:]:
         raise DataError(f"the transfer set's samples have shape {list(transfer.shape[1:])}, "
                         f"the labelled data's {list(x.shape[1:])}: they must match")
-    names = raw.class_names or [str(c) for c in range(num_classes)]
+    names = class_names
     return Splits(Split(norm(x), torch.from_numpy(y)), Split(norm(x_val), torch.from_numpy(y_val)),
                   Split(norm(x_test), torch.from_numpy(y_test)), transfer, num_classes, tuple(x.shape[1:]), names)
 

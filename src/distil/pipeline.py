@@ -50,6 +50,16 @@ def fit_names(recipe: Recipe, stage: str) -> list[str]:
     return [stage] if stage in ("teacher", "baseline", "distill") else []
 
 
+def first_changed_stage(recipe: Recipe, run_dir: Path) -> str | None:
+    """The first stage whose inputs differ between `recipe` and the folder's recipe.yaml (None: same or none)."""
+    saved = Path(run_dir) / "recipe.yaml"
+    if not saved.exists():
+        return None
+    old, new = yaml.safe_load(saved.read_text()) or {}, recipe.model_dump(mode="json")
+    changed = [SECTION_STAGE[k] for k in SECTION_STAGE if old.get(k) != new.get(k)]
+    return min(changed, key=list(STAGES).index) if changed else None
+
+
 def prepare_run_dir(recipe: Recipe, run_dir: Path, force: bool) -> None:
     """Create the folder and write the resolved recipe. If the folder holds a run of a different
     recipe, the outputs of the first stage the change affects and of every later stage are removed
@@ -60,10 +70,8 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, force: bool) -> None:
     first = None
     if force:
         first = "teacher"
-    elif saved.exists():
-        old, new = yaml.safe_load(saved.read_text()) or {}, recipe.model_dump(mode="json")
-        changed = [SECTION_STAGE[k] for k in SECTION_STAGE if old.get(k) != new.get(k)]
-        first = min(changed, key=stages.index) if changed else None
+    else:
+        first = first_changed_stage(recipe, run_dir)
         if first:
             log.info("recipe changed: redoing stages from %s", first)
     if first and run_dir.exists():
@@ -97,12 +105,20 @@ def _remove_stage_outputs(run_dir: Path, stage: str, recipes: list[Recipe]) -> N
         (run_dir / "log.jsonl").unlink(missing_ok=True)
 
 
-def open_run(recipe: Recipe, run_dir: Path, force: bool = False, on_epoch=None, on_stage=None) -> Run:
-    prepare_run_dir(recipe, run_dir, force)
+def open_run(recipe: Recipe, run_dir: Path, force: bool = False, on_epoch=None, on_stage=None,
+             only: str | None = None) -> Run:
+    """Load the data and check the models first: a recipe that cannot run never touches the folder."""
     splits = load_splits(recipe.data.source, recipe.data.args, recipe.seed, recipe.data.val_fraction,
                          recipe.data.test_fraction)
     run = Run(recipe, Path(run_dir), splits, on_epoch, on_stage)
     run.check_models()
+    if only is not None:
+        first = first_changed_stage(recipe, Path(run_dir))
+        if first is not None and list(STAGES).index(first) < list(STAGES).index(only):
+            raise DistilError(f"the recipe differs from {Path(run_dir) / 'recipe.yaml'} in a section that stage "
+                              f"'{first}' depends on: `distil {only}` runs one stage only. Use `distil run` to redo "
+                              f"'{first}' and what follows.")
+    prepare_run_dir(recipe, run_dir, force)
     return run
 
 
@@ -120,7 +136,7 @@ def run_pipeline(recipe: Recipe, run_dir: Path, force: bool = False,
         if absent:
             raise DistilError(f"stage '{only}' needs the output of stage '{absent[0]}' ({outputs[absent[0]]}) in "
                               f"{run_dir}: run `distil run` first")
-    run = open_run(recipe, run_dir, force, on_epoch, on_stage)
+    run = open_run(recipe, run_dir, force, on_epoch, on_stage, only)
     if only is not None:
         todo = [only]
     else:

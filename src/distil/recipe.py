@@ -57,7 +57,6 @@ class DistillSection(_Section):
     terms: list[dict[str, Any]] = Field(
         default_factory=lambda: [{"kind": "kd", "weight": 0.9, "T": 4.0}, {"kind": "ce", "weight": 0.1}])
     use_transfer: bool = True  # add the source's unlabeled transfer set to the training split
-    train: TrainSection = Field(default_factory=TrainSection)
 
 
 class CompressSection(_Section):
@@ -80,7 +79,7 @@ class ExportSection(_Section):
     """ONNX export (fp32, parity-checked) of every model, and int8 forms of `quantize`."""
 
     enabled: bool = False
-    quantize: list[str] = Field(default_factory=lambda: ["student", "teacher-pruned"])
+    quantize: list[str] = Field(default_factory=lambda: ["student"])  # e.g. [student, teacher-pruned]
     quantization: Literal["auto", "static", "dynamic"] = "auto"  # auto: static for conv nets, else dynamic
     # static: one weight scale per output channel instead of per tensor. Off by default: on the digits
     # CNN of tests/test_export.py per-channel agreed with fp32 on 93% of the test set, per-tensor on 99%

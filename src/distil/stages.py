@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from distil.checkpoint import atomic_write, load_weights
 from distil.compress.prune import channel_prune, magnitude_prune, make_permanent, sparsity_of
 from distil.data import Split, Splits
 from distil.distiller import ClassificationTask, Distiller
-from distil.errors import ModelError
+from distil.errors import ModelError, RecipeError
 from distil.evaluate import evaluate_model, evaluate_onnx, predict_logits
 from distil.export import export_onnx, has_convolutions, quantize_onnx, run_onnx, session
 from distil.modelfile import load_model_file, save_model_file
@@ -60,21 +61,29 @@ class Run:
         return build_model(section.model, self.splits.input_shape, self.splits.num_classes, **section.knobs())
 
     def check_models(self) -> None:
-        """Fail before any training if a model's output does not fit the data (or the other model)."""
+        """Fail before any training if a model's output does not fit the data, or a loss term its models."""
         sample = self.splits.train.x[:2]
+        models = {}
         for role in ("teacher", "student"):
-            model = self.model(role).eval()
+            model = models[role] = self.model(role).eval()
+            name = getattr(self.recipe, role).model
             with torch.no_grad():
                 try:
                     logits = model(sample)
-                except RuntimeError as err:
-                    raise ModelError(f"the {role} ({getattr(self.recipe, role).model}) fails on inputs of shape "
-                                     f"{list(sample.shape)}: {err}") from err
-            if tuple(logits.shape) != (2, self.splits.num_classes):
+                except Exception as err:  # a user's model may raise anything
+                    raise ModelError(f"the {role} ({name}) fails on inputs of shape {list(sample.shape)}: "
+                                     f"{type(err).__name__}: {err}") from err
+            if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, self.splits.num_classes):
+                shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
                 raise ModelError(
-                    f"the {role} ({getattr(self.recipe, role).model}) gives outputs of shape {list(logits.shape)} "
-                    f"for a batch of 2, but the data has {self.splits.num_classes} classes: teacher and student "
-                    f"must both give (batch, {self.splits.num_classes}) logits. Build it with num_classes.")
+                    f"the {role} ({name}) gives outputs of shape {shape} for a batch of 2, but the data has "
+                    f"{self.splits.num_classes} classes: teacher and student must both give (batch, "
+                    f"{self.splits.num_classes}) logits as one tensor. Build it with num_classes.")
+        try:
+            terms = build_terms(self.recipe.distill.terms)
+        except ValueError as err:
+            raise RecipeError(f"distill.terms: {err}") from err
+        Distiller(models["student"], models["teacher"], terms).prepare(sample)  # layer names and shapes
 
     def fit(self, task, train: Split, section: TrainSection, name: str, epochs: int | None = None):
         cfg = TrainConfig(**section.model_dump(), seed=self.recipe.seed)
@@ -136,9 +145,11 @@ def stage_compress(run: Run) -> None:
     c = run.recipe.compress
     source_name = "student" if c.source == "student" else "teacher"
     source = run.load(source_name)
-    pruned, info = prune(run, copy.deepcopy(source), source)
-    # pruning is deterministic, so the label-only copy is pruned the same way (a masked model cannot be deep-copied)
-    labels_only = prune(run, copy.deepcopy(source), source)[0] if c.compare_labels_only else None
+    # both copies are taken before anything freezes the source (a Distiller does); pruning is deterministic,
+    # so the label-only copy is pruned the same way (a masked model cannot be deep-copied)
+    copies = [copy.deepcopy(source).requires_grad_(True) for _ in range(2 if c.compare_labels_only else 1)]
+    pruned, info = prune(run, copies[0], source)
+    labels_only = prune(run, copies[1], source)[0] if c.compare_labels_only else None
     name = f"{c.source}-pruned"
     distiller = Distiller(pruned, source, build_terms(run.recipe.distill.terms))
     run.fit(distiller, distiller.with_teacher_logits(run.distill_train()), c.finetune, name)
@@ -188,7 +199,7 @@ def stage_export(run: Run) -> None:
         drop = _val_accuracy(run, f"{name}.onnx") - _val_accuracy(run, f"{name}-int8.onnx")
         info["val_accuracy_drop"] = drop
         if e.qat and drop > e.qat_threshold:
-            info["qat"] = quantization_aware_finetune(run, name, mode, calibration)
+            info["qat"] = quantization_aware_finetune(run, name, mode, calibration, drop)
         fp32 = run_onnx(session(run.path(f"{name}.onnx")), test_x).argmax(1)
         int8 = run_onnx(session(run.path(f"{name}-int8.onnx")), test_x).argmax(1)
         summary[f"{name}-int8"] = {**info, "top1_agreement_with_fp32": float((fp32 == int8).mean())}
@@ -201,9 +212,10 @@ def _val_accuracy(run: Run, onnx_file: str) -> float:
     return float((logits.argmax(1) == run.splits.val.y.numpy()).mean())
 
 
-def quantization_aware_finetune(run: Run, name: str, mode: str, calibration) -> dict:
+def quantization_aware_finetune(run: Run, name: str, mode: str, calibration, before: float) -> dict:
     """Fine-tune `name` with fake int8 quantization, distilling from its teacher (the run's teacher;
-    the unpruned source for a pruned model), then rewrite `<name>-int8.onnx` from the result."""
+    the unpruned source for a pruned model), quantize the result, and keep it as `<name>-int8.onnx`
+    if it loses less validation accuracy than the post-training file did (`before`)."""
     import tempfile
 
     from distil.compress.qat import fake_quantized
@@ -217,9 +229,13 @@ def quantization_aware_finetune(run: Run, name: str, mode: str, calibration) -> 
         run.fit(distiller, distiller.with_teacher_logits(run.distill_train()), e.qat_finetune, f"{name}-qat")
     with tempfile.TemporaryDirectory() as tmp:
         export_onnx(model, run.splits.test.x[:256], Path(tmp) / "qat.onnx", e.parity_atol)
-        quantize_onnx(Path(tmp) / "qat.onnx", run.path(f"{name}-int8.onnx"), mode, calibration, e.per_channel)
-    drop = _val_accuracy(run, f"{name}.onnx") - _val_accuracy(run, f"{name}-int8.onnx")
-    return {"epochs": e.qat_finetune.epochs, "val_accuracy_drop_after": drop}
+        quantize_onnx(Path(tmp) / "qat.onnx", Path(tmp) / "qat-int8.onnx", mode, calibration, e.per_channel)
+        logits = run_onnx(session(Path(tmp) / "qat-int8.onnx"), run.splits.val.x.numpy())
+        after = _val_accuracy(run, f"{name}.onnx") - float((logits.argmax(1) == run.splits.val.y.numpy()).mean())
+        kept = after < before  # keep whichever int8 file loses less
+        if kept:
+            atomic_write(run.path(f"{name}-int8.onnx"), lambda out: shutil.copyfile(Path(tmp) / "qat-int8.onnx", out))
+    return {"epochs": e.qat_finetune.epochs, "val_accuracy_drop_after": after, "kept": kept}
 
 
 def model_names(run: Run) -> list[str]:
@@ -301,7 +317,9 @@ def report_notes(run: Run) -> list[str]:
             if "quantization" in info:
                 qat = (f"; post-training int8 lost {info['val_accuracy_drop'] * 100:.1f} points of validation "
                        f"accuracy, so it was fine-tuned with fake quantization for {info['qat']['epochs']} epochs, "
-                       f"after which it lost {info['qat']['val_accuracy_drop_after'] * 100:.1f}") if "qat" in info else ""
+                       f"after which it lost {info['qat']['val_accuracy_drop_after'] * 100:.1f} ("
+                       + ("kept" if info['qat']['kept'] else "not better: the post-training file is kept") + ")"
+                       ) if "qat" in info else ""
                 notes.append(f"{name}: {info['quantization']} int8, top-1 agreement with its fp32 ONNX "
                              f"{info['top1_agreement_with_fp32']:.3f}{qat}")
     if r.export.enabled:

@@ -48,6 +48,7 @@ class FitResult:
     best_val_acc: float = -1.0
     best_epoch: int = -1
     stopped_early: bool = False
+    best_state: dict | None = field(default=None, repr=False)  # in memory, when there is no checkpoint_dir
 
 
 def fit(task: Task, train: Split, val: Split | None, cfg: TrainConfig, *, name: str = "fit",
@@ -83,6 +84,8 @@ def fit(task: Task, train: Split, val: Split | None, cfg: TrainConfig, *, name: 
             break
     if best is not None and best.exists():
         module.load_state_dict(load_tensors(best)[0])
+    elif result.best_state is not None:
+        module.load_state_dict(result.best_state)
     return result
 
 
@@ -139,6 +142,8 @@ def _update_best(result: FitResult, record: dict, epoch: int, module: nn.Module,
         result.best_val_acc, result.best_epoch = score, epoch
         if best is not None:
             save_tensors(best, module.state_dict())
+        else:
+            result.best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def _emit(record: dict, log_path: Path | None, on_epoch: Callable[[dict], None] | None) -> None:
@@ -169,7 +174,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
     if cfg.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     raise ValueError(f"unknown schedule {cfg.schedule!r}; use 'cosine', 'step', 'onecycle' or 'constant'")
 
 
@@ -186,7 +191,7 @@ def _save_state(path: Path, module: nn.Module, optimizer, scheduler, result: Fit
                 tensors[f"optim.{idx}.{key}"] = value
             else:
                 scalars[f"{idx}.{key}"] = value
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    sched = scheduler.state_dict()
     meta = {"param_groups": opt["param_groups"], "optim_scalars": scalars, "scheduler": sched,
             "history": result.history, "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early}

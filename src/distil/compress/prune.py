@@ -134,10 +134,10 @@ def channel_prune(model: nn.Module, example_inputs: torch.Tensor, ratio: float, 
         pruner.step()
         macs, params = tp.utils.count_ops_and_params(model, example_inputs)
         history.append({"step": step, "macs": int(macs), "params": int(params)})
-        if between_steps is not None and step < total_steps:
+        if by_macs and macs <= ratio * base_macs or step == total_steps:
+            break  # no fine-tune after the last step: the caller's fine-tune follows
+        if between_steps is not None:
             between_steps(step)
-        if by_macs and macs <= ratio * base_macs:
-            break
     _check_forward(model, example_inputs)
     return {"method": "channels", "importance": importance, "target": target, "ratio": ratio, "history": history}
 

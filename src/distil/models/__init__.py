@@ -66,8 +66,10 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kno
     kwargs = {k: v for k, v in given.items() if k in params}
     try:
         model = factory(**kwargs, **knobs)
-    except TypeError as err:
-        raise ModelError(f"cannot build model '{name}' with {knobs}: {err}") from err
+    except ModelError:
+        raise
+    except Exception as err:  # a user's factory may raise anything
+        raise ModelError(f"cannot build model '{name}' with {knobs}: {type(err).__name__}: {err}") from err
     if not isinstance(model, nn.Module):
         raise ModelError(f"factory '{name}' returned {type(model).__name__}, not a torch nn.Module")
     return model
