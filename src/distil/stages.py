@@ -103,6 +103,12 @@ class Run:
     def load(self, name: str) -> nn.Module:
         return load_model_file(self.path(f"{name}.safetensors"))[0]
 
+    def sample(self, n: int) -> Split:
+        """A seeded random subset of the training split (calibration, importance): never just its first
+        rows, which can all be one class when the source lists samples class by class."""
+        idx = torch.randperm(len(self.splits.train), generator=torch.Generator().manual_seed(self.recipe.seed))[:n]
+        return Split(self.splits.train.x[idx], self.splits.train.y[idx])
+
     def distill_train(self) -> Split:
         return self.splits.with_transfer() if self.recipe.distill.use_transfer else self.splits.train
 
@@ -165,7 +171,7 @@ def prune(run: Run, model: nn.Module, source: nn.Module) -> tuple[nn.Module, dic
     c = run.recipe.compress
     if c.method == "magnitude":
         return model, magnitude_prune(model, c.ratio, c.scope, tuple(c.exclude), permanent=False)
-    x, y = run.splits.train.x[:256], run.splits.train.y[:256]
+    x, y = run.sample(256).x, run.sample(256).y
     short = TrainConfig(**{**c.finetune.model_dump(), "epochs": max(1, c.finetune.epochs // c.steps)},
                         seed=run.recipe.seed)
 
@@ -185,7 +191,7 @@ def stage_export(run: Run) -> None:
     """
     e = run.recipe.export
     sample, test_x = run.splits.test.x[:256], run.splits.test.x.numpy()
-    calibration = run.splits.train.x[: e.calibration_samples].numpy()
+    calibration = run.sample(e.calibration_samples).x.numpy()
     summary: dict[str, dict] = {}
     for name in model_names(run):
         model = run.load(name)
