@@ -27,6 +27,9 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -77,6 +80,9 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
                              f"path), or use safetensors. ({str(err).splitlines()[0]})") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ModelError(f"{path} does not hold a state dict (names to tensors) but a {type(state).__name__}. "
+                             "Save one with torch.save(model.state_dict(), path), or use safetensors.")
     else:
         state, _ = load_tensors(path)
     own = model.state_dict()

@@ -65,7 +65,9 @@ def build_connector(
     if not fits:
         raise ShapeError(
             f"cannot connect {where}: student feature {list(student_shape)} and teacher feature "
-            f"{list(teacher_shape)} have different ranks. Pick layers of the same kind "
+            f"{list(teacher_shape)} " + ("have different ranks" if s_rank != t_rank else
+                                          f"are {s_rank}-D, and connectors handle 2-D, 3-D and 4-D features only")
+            + ". Pick layers of the same kind "
             "(both convolutional or both fully connected), or a fully connected teacher layer."
         )
     if s_rank == t_rank and s_rank > 2:
