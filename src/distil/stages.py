@@ -171,7 +171,8 @@ def prune(run: Run, model: nn.Module, source: nn.Module) -> tuple[nn.Module, dic
     c = run.recipe.compress
     if c.method == "magnitude":
         return model, magnitude_prune(model, c.ratio, c.scope, tuple(c.exclude), permanent=False)
-    x, y = run.sample(256).x, run.sample(256).y
+    batch = run.sample(256)  # for the dry run and Taylor importance
+    x, y = batch.x, batch.y
     short = TrainConfig(**{**c.finetune.model_dump(), "epochs": max(1, c.finetune.epochs // c.steps)},
                         seed=run.recipe.seed)
 
