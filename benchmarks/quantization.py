@@ -20,7 +20,7 @@ import numpy as np
 from distil.data import load_splits
 from distil.evaluate import ort_speed
 from distil.export import quantize_onnx, run_onnx, session
-from distil.recipe import load_recipe
+from distil.build import load_recipe
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from distil.errors import DistilError, ModelError, RecipeError
 from distil.evaluate import count_macs
 from distil.modelfile import load_model_file, save_model_file
 from distil.models import build_model, count_params
-from distil.recipe import load_recipe
+from distil.build import load_recipe
 
 
 def small_mlp() -> nn.Module:

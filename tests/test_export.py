@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from distil import CE, KD, ClassificationTask, Distiller, FitNet, TrainConfig, fit
+from distil import CE, KD, Batch, ClassificationTask, Distiller, FitNet, TrainConfig, fit
 from distil.bench import bench_file
 from distil.data import load_splits
 from distil.errors import DistilError
@@ -45,7 +45,7 @@ def test_connectors_are_not_exported(tmp_path):
     student = build_model("cnn", (1, 8, 8), 10, width=4, depth=2)
     teacher = build_model("cnn", (1, 8, 8), 10, width=8, depth=2)
     distiller = Distiller(student, teacher, [KD(), CE(), FitNet(student="layer2", teacher="layer2")])
-    distiller.prepare(torch.randn(4, 1, 8, 8))
+    distiller.prepare(Batch(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)))
     assert sum(p.numel() for p in distiller.terms.parameters()) > 0  # a real connector exists
     export_onnx(student.eval(), torch.randn(4, 1, 8, 8), tmp_path / "s.onnx")
     import onnx

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from distil import CE, KD, Distiller, FitNet, hinton_terms
+from distil import CE, KD, Batch, Distiller, FitNet, hinton_terms
 from distil.data import Split
 from distil.errors import ModelError, ShapeError, TapError
 from distil.losses import AT, LOSSES, UNLABELED, Views, at_loss, attention_map, ce_loss, fitnet_loss, kd_loss
@@ -216,8 +216,8 @@ def test_hinton_terms_in_a_distiller_match_a_hand_computation():
     assert [t.name for t in terms] == ["kd", "ce"]
     assert terms[0].weight == alpha and terms[1].weight == pytest.approx(1 - alpha)
     distiller = Distiller(student, teacher, terms)
-    distiller.prepare(x)
-    out = distiller(x, y)
+    distiller.prepare(Batch(x, torch.zeros(len(x), dtype=torch.long)))
+    out = distiller(Batch(x, y))
     with torch.no_grad():
         s, t = student(x), teacher(x)
     kd_hand = T * T * hand_kl(s, t, T)
@@ -227,7 +227,7 @@ def test_hinton_terms_in_a_distiller_match_a_hand_computation():
     assert out.loss.item() == pytest.approx(float(alpha * kd_hand + (1 - alpha) * ce_hand), rel=1e-9)
     assert out.loss.item() == pytest.approx(sum(v.item() for v in out.parts.values()), rel=1e-6)
     assert set(out.parts) == {"kd", "ce"}
-    assert torch.equal(out.logits, s)
+    assert torch.equal(out.outputs, s)
 
 
 def test_cached_teacher_logits_give_the_same_loss_as_the_live_teacher():
@@ -235,12 +235,13 @@ def test_cached_teacher_logits_give_the_same_loss_as_the_live_teacher():
     student, teacher = Tiny(2), Tiny(4)
     x, y = torch.randn(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, UNLABELED])
     distiller = Distiller(student, teacher, hinton_terms(T=4.0, alpha=0.9))
-    distiller.prepare(x)
+    distiller.prepare(Batch(x, torch.zeros(len(x), dtype=torch.long)))
     cached = distiller.with_teacher_logits(Split(x, y), batch_size=4)
     with torch.no_grad():
-        assert torch.allclose(cached.teacher_logits, teacher(x))
-    live = distiller(x, y).loss
-    assert distiller(x, y, cached.teacher_logits).loss.item() == pytest.approx(live.item(), rel=1e-6)
+        assert torch.allclose(cached.teacher_logits["teacher"], teacher(x))
+    live = distiller(Batch(x, y)).loss
+    replay = distiller(Batch(x, y, teacher_logits={"teacher": cached.teacher_logits["teacher"]})).loss
+    assert replay.item() == pytest.approx(live.item(), rel=1e-6)
 
 
 # --- the contract over every loss term ------------------------------------------------------
@@ -252,8 +253,8 @@ def test_every_loss_term_gives_a_finite_scalar_and_trains_only_the_student(kind)
     student, teacher = Tiny(2), Tiny(4)
     distiller = Distiller(student, teacher, [make_term(kind)])
     x, y = torch.randn(6, 1, 4, 4), torch.randint(0, 3, (6,))
-    distiller.prepare(x)
-    out = distiller(x, y)
+    distiller.prepare(Batch(x, torch.zeros(len(x), dtype=torch.long)))
+    out = distiller(Batch(x, y))
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
     assert out.loss.item() == pytest.approx(sum(v.item() for v in out.parts.values()), rel=1e-6)
     out.loss.backward()
@@ -268,16 +269,16 @@ def test_teacher_terms_vanish_when_the_student_is_the_teacher(kind):
     student.load_state_dict(teacher.state_dict())
     distiller = Distiller(student, teacher, [make_term(kind)])
     x = torch.randn(6, 1, 4, 4)
-    distiller.prepare(x)
+    distiller.prepare(Batch(x, torch.zeros(len(x), dtype=torch.long)))
     if kind == "fitnet":
         assert isinstance(distiller.terms[0].connector, nn.Identity)  # same shapes: nothing to learn
-    assert distiller(x, torch.zeros(6, dtype=torch.long)).loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert distiller(Batch(x, torch.zeros(6, dtype=torch.long))).loss.item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_fitnet_term_learns_a_connector_that_is_saved_apart_from_the_student(tmp_path):
     student, teacher = Tiny(2), Tiny(4)
     distiller = Distiller(student, teacher, [FitNet(student="layer1", teacher="layer1")])
-    distiller.prepare(torch.randn(2, 1, 4, 4))
+    distiller.prepare(Batch(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)))
     connector = distiller.terms[0].connector
     assert isinstance(connector.proj, nn.Conv2d)
     assert (connector.proj.in_channels, connector.proj.out_channels) == (2, 4)
@@ -298,7 +299,7 @@ def test_at_term_refuses_feature_maps_of_different_spatial_size():
 
     distiller = Distiller(Pooled(), Tiny(4), [AT(student="layer1", teacher="layer1")])
     with pytest.raises(ShapeError, match=r"same spatial size.*\[2, 2, 2, 2\].*\[2, 4, 4, 4\]"):
-        distiller.prepare(torch.randn(2, 1, 4, 4))
+        distiller.prepare(Batch(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)))
 
 
 def test_kd_term_validates_temperature_and_needs_teacher_logits():
@@ -306,13 +307,13 @@ def test_kd_term_validates_temperature_and_needs_teacher_logits():
         KD(T=0)
     with pytest.raises(ValueError, match="T must be > 0"):
         KD(T=-1.0)
-    with pytest.raises(ValueError, match="needs teacher logits"):
-        KD()(Views(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)))
+    with pytest.raises(ModelError, match="there are 0 teachers"):
+        KD()(Views.of(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)))
 
 
 def test_views_defaults():
-    v = Views(torch.zeros(1, 2), torch.zeros(1))
-    assert v.teacher_logits is None and v.student_feats == {} and v.teacher_feats == {}
+    v = Views.of(torch.zeros(1, 2), torch.zeros(1))
+    assert v.teachers == () and v.student.feats == {} and list(v.outputs) == ["student"]
 
 
 # --- Distiller ------------------------------------------------------------------------------
@@ -332,7 +333,7 @@ def test_teacher_stays_in_eval_mode_after_distiller_train():
     assert not teacher.training and not any(m.training for m in teacher.modules())
     # the teacher's BatchNorm statistics do not move during a training step
     stats = teacher.layer1[1].running_mean.clone()
-    distiller(torch.randn(4, 1, 4, 4) * 5 + 3, torch.zeros(4, dtype=torch.long)).loss.backward()
+    distiller(Batch(torch.randn(4, 1, 4, 4) * 5 + 3, torch.zeros(4, dtype=torch.long))).loss.backward()
     assert torch.equal(teacher.layer1[1].running_mean, stats)
     assert not torch.equal(distiller.student.layer1[1].running_mean, torch.zeros(4))  # the student's did
 
@@ -340,7 +341,7 @@ def test_teacher_stays_in_eval_mode_after_distiller_train():
 def test_teacher_is_not_in_the_distiller_state_dict():
     teacher = Tiny(4)
     distiller = Distiller(Tiny(2), teacher, [KD(), FitNet(student="layer1", teacher="layer1")])
-    distiller.prepare(torch.randn(2, 1, 4, 4))
+    distiller.prepare(Batch(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)))
     keys = set(distiller.state_dict())
     assert {f"student.{k}" for k in distiller.student.state_dict()} <= keys
     assert not any(k.startswith(("teacher", "_teacher")) for k in keys)
@@ -351,17 +352,17 @@ def test_teacher_is_not_in_the_distiller_state_dict():
 
 def test_mismatched_class_counts_raise_model_error_from_prepare():
     distiller = Distiller(Tiny(2, classes=5), Tiny(4, classes=10), [KD(), CE()])
-    with pytest.raises(ModelError, match=r"classes.*teacher gives 10 logits, student gives 5"):
-        distiller.prepare(torch.randn(2, 1, 4, 4))
+    with pytest.raises(ModelError, match=r"classes.*teacher 'teacher' gives 10 logits, student gives 5"):
+        distiller.prepare(Batch(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)))
 
 
 def test_prepare_restores_the_training_mode():
     distiller = Distiller(TinyBN(), TinyBN(), [KD()])
     distiller.train()
-    distiller.prepare(torch.randn(2, 1, 4, 4))
+    distiller.prepare(Batch(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)))
     assert distiller.training and distiller.student.training and not distiller.teacher.training
     distiller.eval()
-    distiller.prepare(torch.randn(2, 1, 4, 4))
+    distiller.prepare(Batch(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)))
     assert not distiller.student.training
 
 

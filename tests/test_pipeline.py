@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from distil.pipeline import run_pipeline
-from distil.recipe import load_recipe
+from distil.build import load_recipe
 
 ROOT = Path(__file__).parent.parent
 

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from distil.errors import DistilError, RecipeError
-from distil.recipe import Recipe, build_terms, dump_recipe, load_recipe
+from distil.build import build_terms, load_recipe
+from distil.recipe import Recipe, dump_recipe
 from distil.losses import KD, CE, FitNet
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))

@@ -32,7 +32,7 @@ def test_fit_learns_and_logs_one_record_per_epoch(tmp_path):
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4, 5]
     assert set(lines[0]) >= {"stage", "loss", "parts", "val_acc", "lr", "samples_per_s"}
     assert lines[-1]["parts"]["ce"] < lines[0]["parts"]["ce"]
-    assert result.best_val_acc == max(r["val_acc"] for r in lines)
+    assert result.best_score == max(r["val_acc"] for r in lines)
 
 
 @pytest.mark.parametrize("optimizer,schedule", [("sgd", "onecycle"), ("adamw", "cosine"), ("sgd", "step"),
@@ -66,11 +66,11 @@ class NaNAfter:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def forward(self, inputs, targets):
-        out = self.inner.forward(inputs, targets)
+    def forward(self, batch, progress=None):
+        out = self.inner.forward(batch, progress)
         self.calls += 1
         if self.calls > self.n:
-            out = type(out)(out.loss * float("nan"), {"ce": out.loss * float("nan")}, out.logits)
+            out = type(out)(out.loss * float("nan"), {"ce": out.loss * float("nan")}, out.outputs)
         return out
 
 
@@ -96,7 +96,7 @@ def test_best_weights_are_restored(tmp_path, with_dir):
     model = mlp(0)
     cfg = TrainConfig(epochs=4, batch_size=32, lr=3.0, optimizer="sgd")  # a wild lr: val accuracy jumps around
     result = fit(ClassificationTask(model), blobs(), blobs(60, seed=1), cfg, checkpoint_dir=tmp_path if with_dir else None)
-    assert accuracy(model, blobs(60, seed=1)) == pytest.approx(result.best_val_acc)
+    assert accuracy(model, blobs(60, seed=1)) == pytest.approx(result.best_score)
 
 
 def test_empty_training_split_is_a_clear_error():

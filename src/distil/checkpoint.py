@@ -43,13 +43,13 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None
     atomic_write(Path(path), lambda tmp: save_file(flat, str(tmp), metadata=metadata))
 
 
-def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and the JSON metadata written by `save_tensors` (empty dict when there is none)."""
+def load_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors (onto `device`, whatever device wrote them) and the JSON metadata written by `save_tensors`."""
     path = Path(path)
     if not path.is_file():
         raise DistilError(f"checkpoint file not found: {path}. Check the path, or rerun the stage that writes it.")
     try:
-        tensors = load_file(str(path))
+        tensors = load_file(str(path), device=str(device))
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:

@@ -65,7 +65,8 @@ SET = typer.Option([], "--set", help="Override a recipe field, e.g. --set studen
 def _pipeline(recipe: Path | None, run_dir: Path | None, overrides: list[str], force: bool = False,
               only: str | None = None) -> None:
     from distil.pipeline import load_metrics, run_pipeline
-    from distil.recipe import apply_overrides, load_recipe, read_recipe
+    from distil.build import load_recipe
+    from distil.recipe import apply_overrides, read_recipe
 
     try:
         source = recipe or (run_dir / "recipe.yaml" if run_dir and (run_dir / "recipe.yaml").exists() else DEFAULT_RECIPE)
@@ -90,6 +91,7 @@ def _pipeline(recipe: Path | None, run_dir: Path | None, overrides: list[str], f
 @app.command()
 def run(recipe: Path = RECIPE_ARG, run_dir: Path = RUN_DIR,
         force: bool = typer.Option(False, "--force", help="Start over instead of resuming."),
+        device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N | mps (the recipe's `device`)."),
         overrides: list[str] = SET) -> None:
     """Run the whole pipeline into a run folder: teacher, baseline, distill, compress and export (when
     the recipe enables them), report.
@@ -97,7 +99,7 @@ def run(recipe: Path = RECIPE_ARG, run_dir: Path = RUN_DIR,
     Rerunning resumes at the first stage whose output is missing; after a recipe change, it redoes
     the first stage the change affects and everything after it.
     """
-    _pipeline(recipe, run_dir, overrides, force)
+    _pipeline(recipe, run_dir, overrides + ([f"device={device}"] if device else []), force)
 
 
 @app.command()

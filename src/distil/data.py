@@ -1,8 +1,10 @@
-"""Data sources and splits. Every source returns in-memory tensors; splits are deterministic from a seed.
+"""Data sources and splits; splits are deterministic from a seed.
 
 Sources (`SOURCES`): `mnist1d` (generated offline, with a generated transfer set), `digits`
-(scikit-learn, small, for tests), `npz`, `imagefolder`, `csv`. Normalisation statistics come
-from the training split only. Transfer-set samples carry the label -1 (`UNLABELED`).
+(scikit-learn, small, for tests), `npz`, `csv`, `cifar` (the official binary files) give arrays
+held in memory (`Split`); `imagefolder` gives files read lazily, in DataLoader workers
+(`ImageFiles`, a map-style Dataset). Normalisation statistics come from the training split only,
+unless the recipe sets them. Transfer-set samples carry the label -1 (`UNLABELED`).
 """
 
 from __future__ import annotations
@@ -17,37 +19,76 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import ConcatDataset, Dataset
 
-from distil.errors import DataError
+from distil.binding import bind_kwargs
+from distil.errors import DataError, did_you_mean
+from distil.images import FileData, ImageFiles, imagefolder
 from distil.losses import UNLABELED
 
 
 @dataclass(frozen=True)
 class Split:
+    """In-memory samples: the fast path of the training loop (a batch is one indexing operation)."""
+
     x: torch.Tensor  # (N, *input_shape) float32
     y: torch.Tensor  # (N,) int64; -1 = unlabeled
-    teacher_logits: torch.Tensor | None = None  # (N, K), precomputed by `Distiller.with_teacher_logits`
+    teacher_logits: dict[str, torch.Tensor] | None = None  # teacher name -> (N, K), see `Distiller.with_teacher_logits`
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise DataError(f"Split: x has {len(self.x)} samples but y has {len(self.y)} labels; give one label "
+                            "per sample (x[i] is labelled y[i]).")
+        for name, logits in (self.teacher_logits or {}).items():
+            if len(logits) != len(self.y):
+                raise DataError(f"Split: the cached logits of teacher '{name}' hold {len(logits)} rows for "
+                                f"{len(self.y)} samples; recompute them with Distiller.with_teacher_logits.")
 
     def __len__(self) -> int:
         return len(self.y)
 
+    def to(self, device: torch.device) -> Split:
+        """The same samples on `device` (one copy, so that batches are taken there)."""
+        logits = {k: v.to(device) for k, v in self.teacher_logits.items()} if self.teacher_logits else None
+        return Split(self.x.to(device), self.y.to(device), logits)
+
+
+Data = Split | Dataset  # what a split can be: in-memory tensors or a map-style Dataset of (input, target)
+
 
 @dataclass(frozen=True)
 class Splits:
-    train: Split
-    val: Split
-    test: Split
-    transfer: torch.Tensor | None  # (M, *input_shape), unlabeled
+    train: Data
+    val: Data
+    test: Data
+    transfer: torch.Tensor | Dataset | None  # (M, *input_shape), unlabeled (a Dataset yields label -1)
     num_classes: int
     input_shape: tuple[int, ...]
     class_names: list[str]
 
-    def with_transfer(self) -> Split:
+    def with_transfer(self) -> Data:
         """The labelled training split followed by the transfer set, labelled -1."""
         if self.transfer is None or len(self.transfer) == 0:
             return self.train
-        unlabeled = torch.full((len(self.transfer),), UNLABELED, dtype=torch.long)
-        return Split(torch.cat([self.train.x, self.transfer]), torch.cat([self.train.y, unlabeled]))
+        if isinstance(self.train, Split) and isinstance(self.transfer, torch.Tensor):
+            unlabeled = torch.full((len(self.transfer),), UNLABELED, dtype=torch.long)
+            return Split(torch.cat([self.train.x, self.transfer]), torch.cat([self.train.y, unlabeled]))
+        return ConcatDataset([self.train, self.transfer])
+
+
+def take(data: Data, index: torch.Tensor | list[int]) -> Split:
+    """The samples at `index` as in-memory tensors (a calibration set, a dry-run batch, ...)."""
+    if isinstance(data, Split):
+        return Split(data.x[index], data.y[index])
+    items = [data[int(i)] for i in index]
+    if not items:
+        return Split(torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    return Split(torch.stack([torch.as_tensor(x) for x, _ in items]), torch.tensor([int(y) for _, y in items]))
+
+
+def in_memory(data: Data) -> Split:
+    """All of `data` as tensors: for evaluation and export, which need the whole test or validation split."""
+    return data if isinstance(data, Split) else take(data, range(len(data)))
 
 
 @dataclass(frozen=True)
@@ -158,36 +199,11 @@ def _open_npz(path: str):
         raise DataError(f"cannot read {path} as .npz: {err}") from err
 
 
-def imagefolder(path: str, image_size: int = 32, grayscale: bool = False, transfer_path: str | None = None) -> RawData:
-    """A folder of class folders of images (`path/<class>/*.png`), read with Pillow and resized."""
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"image folder not found: {path}. Expected path/<class name>/<image files>.")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"{path} holds no class folders. Expected path/<class name>/<image files>.")
-    xs, ys = [], []
-    for label, name in enumerate(classes):
-        for file in sorted((root / name).iterdir()):
-            xs.append(_read_image(file, image_size, grayscale))
-            ys.append(label)
-    transfer = None
-    if transfer_path:
-        files = sorted(p for p in Path(transfer_path).rglob("*") if p.is_file())
-        transfer = np.stack([_read_image(f, image_size, grayscale) for f in files]) if files else None
-    return RawData(np.stack(xs) if xs else np.zeros((0, 1)), np.array(ys), transfer=transfer, class_names=classes)
+def cifar(path: str, labels: str = "fine") -> RawData:
+    """CIFAR-10 or CIFAR-100 from a local folder in the official binary format (no pickle), as (3, 32, 32) images."""
+    from distil.cifar import cifar as read
 
-
-def _read_image(file: Path, size: int, grayscale: bool) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(file) as img:
-            img = img.convert("L" if grayscale else "RGB").resize((size, size))
-            arr = np.asarray(img, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"cannot read image {file}: {err}") from err
-    return arr[None] if grayscale else arr.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    return read(path, labels)
 
 
 def csv(path: str, label: str = "label", transfer_path: str | None = None) -> RawData:
@@ -209,12 +225,17 @@ def _read_csv(path: str, label: str | None) -> tuple[np.ndarray, np.ndarray, lis
     header, body = rows[0], rows[1:]
     if label is not None and label not in header:
         raise DataError(f"{path} has no column '{label}' (columns: {header}). Set data.args.label.")
-    col = header.index(label) if label is not None else None
+    col = col_index(header, label)
     features = [[v for i, v in enumerate(r) if i != col] for r in body]
     try:
         x = np.array(features, dtype=np.float32)
     except ValueError as err:
         raise DataError(f"{path}: feature columns must be numeric ({err})") from err
+    if not np.isfinite(x).all():
+        row, col = np.argwhere(~np.isfinite(x))[0]
+        names = [h for i, h in enumerate(header) if i != col_index(header, label)]
+        raise DataError(f"{path}, line {row + 2} (data row {row + 1}), column '{names[col]}': the value "
+                        f"'{features[row][col]}' is not a finite number. Fill or drop missing values before training.")
     if col is None:
         return x, np.zeros(0), []
     names = sorted({r[col] for r in body})
@@ -222,26 +243,30 @@ def _read_csv(path: str, label: str | None) -> tuple[np.ndarray, np.ndarray, lis
     return x, y, names
 
 
-SOURCES = {"mnist1d": mnist1d, "digits": digits, "npz": npz, "imagefolder": imagefolder, "csv": csv}
+def col_index(header: list[str], label: str | None) -> int | None:
+    return header.index(label) if label is not None else None
+
+
+SOURCES = {"mnist1d": mnist1d, "digits": digits, "npz": npz, "imagefolder": imagefolder, "csv": csv, "cifar": cifar}
 
 
 # --- splitting --------------------------------------------------------------------------------
 
 
 def load_splits(source: str, args: dict, seed: int = 0, val_fraction: float = 0.1,
-                test_fraction: float = 0.2) -> Splits:
-    """Run a source, then split (deterministically from `seed`) and normalise with train statistics."""
-    from distil.recipe import bind_kwargs
-
+                test_fraction: float = 0.2, normalize: tuple[list[float], list[float]] | None = None) -> Splits:
+    """Run a source, then split (deterministically from `seed`) and normalise: with `normalize`'s per-channel
+    (mean, std) when given, else with statistics of the training split."""
     if source not in SOURCES:
-        from distil.errors import did_you_mean
-
         raise DataError(f"unknown data source '{source}'." + did_you_mean(source, SOURCES))
     raw = SOURCES[source](**bind_kwargs(SOURCES[source], args, f"data.args (source '{source}')"))
-    return make_splits(raw, seed, val_fraction, test_fraction)
+    if isinstance(raw, FileData):
+        return file_splits(raw, seed, val_fraction, test_fraction, normalize)
+    return make_splits(raw, seed, val_fraction, test_fraction, normalize)
 
 
-def make_splits(raw: RawData, seed: int, val_fraction: float, test_fraction: float) -> Splits:
+def make_splits(raw: RawData, seed: int, val_fraction: float, test_fraction: float,
+                normalize: tuple[list[float], list[float]] | None = None) -> Splits:
     x = np.asarray(raw.x, dtype=np.float32)
     if len(x) == 0:
         raise DataError("the data set is empty: the source returned no samples")
@@ -267,16 +292,47 @@ def make_splits(raw: RawData, seed: int, val_fraction: float, test_fraction: flo
     x, y, x_val, y_val = _hold_out(x, y, val_fraction, rng)
     if len(x) == 0 or len(x_test) == 0:
         raise DataError(f"too few samples ({len(raw.x)}) to split into train/val/test; give more data")
-    mean, std = _stats(x)
+    mean, std = _given_stats(normalize, x.shape) if normalize else _stats(x)
     norm = lambda a: torch.from_numpy((a - mean) / std).float()  # noqa: E731
-    num_classes = len(values)
     transfer = norm(np.asarray(raw.transfer, dtype=np.float32)) if raw.transfer is not None else None
     if transfer is not None and transfer.shape[1:] != x.shape[1:]:
         raise DataError(f"the transfer set's samples have shape {list(transfer.shape[1:])}, "
                         f"the labelled data's {list(x.shape[1:])}: they must match")
-    names = class_names
     return Splits(Split(norm(x), torch.from_numpy(y)), Split(norm(x_val), torch.from_numpy(y_val)),
-                  Split(norm(x_test), torch.from_numpy(y_test)), transfer, num_classes, tuple(x.shape[1:]), names)
+                  Split(norm(x_test), torch.from_numpy(y_test)), transfer, len(values), tuple(x.shape[1:]),
+                  class_names)
+
+
+def file_splits(raw: FileData, seed: int, val_fraction: float, test_fraction: float,
+                normalize: tuple[list[float], list[float]] | None = None) -> Splits:
+    """Stratified train/val/test splits of a file source, as lazily read `ImageFiles` datasets."""
+    rng = np.random.default_rng(seed)
+    index = np.arange(len(raw.files))
+    rest, rest_y, test, test_y = _hold_out(index, raw.labels, test_fraction, rng)
+    train, train_y, val, val_y = _hold_out(rest, rest_y, val_fraction, rng)
+    if len(train) == 0 or len(test) == 0:
+        raise DataError(f"too few images ({len(raw.files)}) to split into train/val/test; give more data")
+    make = lambda idx, y, mean=None, std=None: ImageFiles([raw.files[i] for i in idx], y, raw.image_size,  # noqa: E731
+                                                           raw.grayscale, mean, std)
+    channels = 1 if raw.grayscale else 3
+    mean, std = (_given_stats(normalize, (1, channels, 1, 1)) if normalize
+                 else make(train, train_y).channel_stats(seed=seed))
+    transfer = None
+    if raw.transfer:
+        transfer = ImageFiles(raw.transfer, np.full(len(raw.transfer), UNLABELED), raw.image_size, raw.grayscale,
+                              mean, std)
+    return Splits(make(train, train_y, mean, std), make(val, val_y, mean, std), make(test, test_y, mean, std),
+                  transfer, len(raw.class_names), (channels, raw.image_size, raw.image_size), raw.class_names)
+
+
+def _given_stats(normalize: tuple[list[float], list[float]], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The recipe's per-channel (mean, std), shaped to broadcast over samples (C, 1, ...)."""
+    mean, std = (np.asarray(v, dtype=np.float32) for v in normalize)
+    if len(shape) < 3 or len(mean) != shape[1]:
+        raise DataError(f"data.augment normalize gives {len(mean)} channel means, but samples have shape "
+                        f"{list(shape[1:])}: give one mean and std per channel (dimension 1).")
+    extra = (1,) * (len(shape) - 2)
+    return mean.reshape(-1, *extra), std.reshape(-1, *extra)
 
 
 def _hold_out(x: np.ndarray, y: np.ndarray, fraction: float, rng: np.random.Generator):

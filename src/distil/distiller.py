@@ -1,9 +1,9 @@
 """Tasks: what one training step computes.
 
-`ClassificationTask` (teacher, baseline, fine-tune) and `Distiller` (student learning from a
-teacher) both give `forward(inputs, targets) -> StepOutput(loss, parts, logits)`, so the one
-training loop `fit` never knows which method runs. `parts` holds each weighted term by name
-and `loss == sum(parts.values())`.
+`ClassificationTask` (teacher, baseline, fine-tune) and `Distiller` (a student learning from one
+or more frozen teachers) both give `forward(batch, progress) -> StepOutput(loss, parts, outputs)`,
+so the one training loop `fit` never knows which method runs. `parts` holds each weighted term by
+its unique name and `loss == sum(parts.values())`. The task owns its validation metric (`score`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from distil.batches import Batch, Progress
 from distil.checkpoint import save_tensors
 from distil.data import Split
-from distil.errors import ModelError
-from distil.losses import CE, KD, Views, ce_loss
+from distil.errors import ConfigError, DataError, ModelError
+from distil.losses import CE, KD, STUDENT, UNLABELED, Outputs, Term, Views, ce_loss
 from distil.taps import FeatureTaps
 
 
@@ -25,120 +26,208 @@ from distil.taps import FeatureTaps
 class StepOutput:
     loss: torch.Tensor  # scalar, what is minimised
     parts: dict[str, torch.Tensor]  # each weighted term by name; they sum to `loss`
-    logits: torch.Tensor  # (B, K) of the model being trained
+    outputs: torch.Tensor  # (B, K) logits of the model being trained
 
 
 class Task(Protocol):
-    def prepare(self, inputs: torch.Tensor) -> None: ...
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, **cached: torch.Tensor) -> StepOutput: ...
-    def predict(self, inputs: torch.Tensor) -> torch.Tensor: ...
+    """What `fit` trains. `metric` names the validation score (higher is better when `higher_is_better`)."""
+
+    metric: str
+    higher_is_better: bool
+
+    def prepare(self, batch: Batch) -> None: ...
+    def forward(self, batch: Batch, progress: Progress) -> StepOutput: ...
+    def score(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def check_targets(self, targets: torch.Tensor) -> None: ...
     def trainable_module(self) -> nn.Module: ...
+    def to(self, device: torch.device) -> Task: ...
+    def compile(self) -> None: ...
+
+
+def top1_score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct, labelled) counts of a batch, as tensors on its device: summed over batches without a host sync."""
+    labelled = targets != UNLABELED
+    return ((logits.argmax(-1) == targets) & labelled).sum(), labelled.sum()
+
+
+def check_class_targets(targets: torch.Tensor, num_classes: int, allow_unlabeled: bool) -> None:
+    """Targets must lie in [0, K) (or be -1 where unlabeled samples are allowed): a clear error instead of
+    torch's IndexError (or a device-side assert on a GPU)."""
+    low = UNLABELED if allow_unlabeled else 0
+    bad = (targets < low) | (targets >= num_classes)
+    if bool(bad.any()):
+        value, where = int(targets[bad][0]), int(bad.nonzero()[0, 0])
+        unlabeled = " or -1 (unlabeled)" if allow_unlabeled else ""
+        raise DataError(f"label {value} (sample {where}) is outside the model's {num_classes} classes: labels must "
+                        f"be 0..{num_classes - 1}{unlabeled}. Check the labels, or build the model with "
+                        f"num_classes={value + 1 if value >= num_classes else num_classes}.")
 
 
 class ClassificationTask:
-    """Plain supervised training: `loss = CE(model(x), y)` with optional label smoothing."""
+    """Plain supervised training: `loss = CE(model(x), y)` with optional label smoothing; scored by top-1."""
+
+    metric, higher_is_better = "acc", True
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
         self.model, self.label_smoothing = model, label_smoothing
+        self.num_classes: int | None = None
 
-    def prepare(self, inputs: torch.Tensor) -> None:
-        pass
+    def prepare(self, batch: Batch) -> None:
+        with torch.no_grad():
+            was_training = self.model.training
+            self.num_classes = self.model.eval()(batch.inputs).shape[-1]
+            self.model.train(was_training)
+        self.check_targets(batch.targets)
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, **cached: torch.Tensor) -> StepOutput:
-        logits = self.model(inputs)
-        loss = ce_loss(logits, targets, self.label_smoothing)
+    def check_targets(self, targets: torch.Tensor) -> None:
+        if self.num_classes is not None:
+            check_class_targets(targets, self.num_classes, allow_unlabeled=False)
+
+    def forward(self, batch: Batch, progress: Progress | None = None) -> StepOutput:
+        logits = self.model(batch.inputs)
+        loss = ce_loss(logits, batch.targets, self.label_smoothing)
         return StepOutput(loss, {"ce": loss}, logits)
 
-    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs)
+    __call__ = forward
+
+    def score(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return top1_score(self.model(batch.inputs), batch.targets)
 
     def trainable_module(self) -> nn.Module:
         return self.model
 
+    def to(self, device: torch.device) -> ClassificationTask:
+        self.model.to(device)
+        return self
+
+    def compile(self) -> None:
+        """torch.compile the model in place (its weights and state_dict keys stay the same)."""
+        self.model.compile()
+
 
 class Distiller(nn.Module):
-    """A student learning from a frozen teacher through weighted loss terms.
+    """A student learning from frozen teachers through weighted loss terms.
 
         Distiller(student, teacher, [KD(T=4, weight=0.9), CE(weight=0.1),
                                      FitNet(student="layer2", teacher="layer3", weight=1.0)])
+        Distiller(student, {"big": t1, "ta": t2}, [KD(T=4, weight=0.5, teacher="big"),
+                                                   KD(T=4, weight=0.4, teacher="ta"), CE(weight=0.1)])
 
-    The trainable part is this module: the student plus the terms' connectors. The teacher is
-    not registered as a submodule: it never trains, never enters `state_dict`, and stays in eval
-    mode whatever `train()` is called with.
+    The trainable part is this module: the student plus the terms' connectors. Teachers are not
+    registered as submodules: they never train, never enter `state_dict`, and stay in eval mode
+    whatever `train()` is called with. `to(device)` moves them too.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, terms: list[nn.Module]) -> None:
+    metric, higher_is_better = "acc", True
+
+    def __init__(self, student: nn.Module, teachers: nn.Module | dict[str, nn.Module], terms: list[Term]) -> None:
         super().__init__()
-        if not terms:
-            raise ValueError("Distiller needs at least one loss term, e.g. [KD(T=4, weight=0.9), CE(weight=0.1)]")
+        teachers = {"teacher": teachers} if isinstance(teachers, nn.Module) else dict(teachers)
+        _check_participants(student, teachers, terms)
         self.student = student
         self.terms = nn.ModuleList(terms)
-        self._teacher = (teacher,)  # a tuple: not registered as a submodule
-        teacher.eval().requires_grad_(False)
-        pairs = [term.taps() for term in terms if hasattr(term, "taps")]
-        self.student_taps = FeatureTaps(student, [s for s, _ in pairs], "student")
-        self.teacher_taps = FeatureTaps(teacher, [t for _, t in pairs], "teacher")
-        self.needs_teacher = any(getattr(term, "needs_teacher", False) for term in terms)
+        self._teachers = tuple(teachers.items())  # a tuple: not registered as submodules
+        for teacher in teachers.values():
+            teacher.eval().requires_grad_(False)
+        reads = [term.reads() for term in terms]
+        self._term_teacher = [_resolve_teacher(r.teacher, teachers) if r.needs_teacher else None for r in reads]
+        self.student_taps = FeatureTaps(student, sorted({n for r in reads for n in r.student_layers}), STUDENT)
+        self.teacher_taps = {name: FeatureTaps(model, sorted({n for r, t in zip(reads, self._term_teacher)
+                                                              if t == name for n in r.teacher_layers}), name)
+                             for name, model in teachers.items()}
+        self.needed = [name for name in teachers if name in self._term_teacher]  # teachers run each step
+        self.num_classes: int | None = None
+
+    @property
+    def teachers(self) -> dict[str, nn.Module]:
+        return dict(self._teachers)
 
     @property
     def teacher(self) -> nn.Module:
-        return self._teacher[0]
+        """The only teacher (an error when there are several: use `teachers[name]`)."""
+        if len(self._teachers) != 1:
+            raise ModelError(f"this Distiller has {len(self._teachers)} teachers: use .teachers[name]")
+        return self._teachers[0][1]
 
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
-        self.teacher.eval()
+        for _, teacher in self._teachers:
+            teacher.eval()
         return self
 
-    def prepare(self, inputs: torch.Tensor) -> None:
+    def to(self, *args, **kwargs) -> Distiller:
+        super().to(*args, **kwargs)
+        for _, teacher in self._teachers:
+            teacher.to(*args, **kwargs)
+        return self
+
+    def compile(self) -> None:
+        """torch.compile the student and the teachers in place (state_dict keys stay the same)."""
+        self.student.compile()
+        for _, teacher in self._teachers:
+            teacher.compile()
+
+    def prepare(self, batch: Batch) -> None:
         """Dry-run one batch: check class counts agree and build connectors from feature shapes."""
         was_training = self.training
         self.eval()
         with torch.no_grad():
-            views = self._views(inputs, torch.zeros(len(inputs), dtype=torch.long))
+            views = self._views(Batch(batch.inputs, torch.zeros(len(batch), dtype=torch.long)))
         self.train(was_training)
-        student_k = views.student_logits.shape[-1]
-        if views.teacher_logits is not None and views.teacher_logits.shape[-1] != student_k:
-            raise ModelError(
-                f"teacher and student disagree on the number of classes: teacher gives "
-                f"{views.teacher_logits.shape[-1]} logits, student gives {student_k}. Build both "
-                "for the same data (same num_classes).")
+        self.num_classes = student_k = views.student.logits.shape[-1]
+        for name in self.needed:
+            teacher_k = views.outputs[name].logits.shape[-1]
+            if teacher_k != student_k:
+                raise ModelError(
+                    f"teacher and student disagree on the number of classes: teacher '{name}' gives {teacher_k} "
+                    f"logits, student gives {student_k}. Build both for the same data (same num_classes).")
         for term in self.terms:
-            if hasattr(term, "build"):
-                student_feat, teacher_feat = term.pair(views)
-                term.build(student_feat, teacher_feat)
+            term.build(views)
+        self.check_targets(batch.targets)
 
-    def _views(self, inputs: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> Views:
+    def check_targets(self, targets: torch.Tensor) -> None:
+        if self.num_classes is not None:
+            check_class_targets(targets, self.num_classes, allow_unlabeled=True)
+
+    def _views(self, batch: Batch, progress: Progress | None = None) -> Views:
         with self.student_taps:
-            student_logits = self.student(inputs)
-        if self.needs_teacher and (teacher_logits is None or self.teacher_taps.modules):
-            with torch.no_grad(), self.teacher_taps:
-                teacher_logits = self.teacher(inputs)
-        return Views(student_logits, targets, teacher_logits,
-                     self.student_taps.outputs, self.teacher_taps.outputs)
+            outputs = {STUDENT: Outputs(self.student(batch.inputs), self.student_taps.outputs)}
+        teachers = self.teachers
+        for name in self.needed:
+            taps = self.teacher_taps[name]
+            if name in batch.teacher_logits and not taps.modules:
+                outputs[name] = Outputs(batch.teacher_logits[name])
+                continue
+            with torch.no_grad(), taps:
+                outputs[name] = Outputs(teachers[name](batch.inputs), taps.outputs)
+        return Views(outputs, batch.targets, tuple(teachers), batch.index, batch.mask, progress or Progress())
 
     def with_teacher_logits(self, split: Split, batch_size: int = 1024) -> Split:
-        """`split` with the teacher's logits precomputed, so training skips the teacher's forward pass.
+        """`split` with each teacher's logits precomputed, so training skips the teachers' forward passes.
 
-        Exact because the teacher is frozen in eval mode and the inputs are fixed tensors (no
-        augmentation). Feature terms still need the teacher's features each step: the split is
-        then returned unchanged.
+        Exact because teachers are frozen in eval mode and the inputs are fixed tensors: never use it
+        with random augmentation. A teacher whose features a term reads still runs each step.
         """
-        if not self.needs_teacher or self.teacher_taps.modules:
-            return split
-        with torch.no_grad():
-            logits = torch.cat([self.teacher(split.x[i:i + batch_size]) for i in range(0, len(split), batch_size)])
-        return Split(split.x, split.y, logits)  # (N, K)
+        cached = {}
+        for name in self.needed:
+            if self.teacher_taps[name].modules:
+                continue
+            teacher = self.teachers[name]
+            device = next(teacher.parameters(), torch.empty(0)).device
+            with torch.no_grad():
+                cached[name] = torch.cat([teacher(split.x[i:i + batch_size].to(device)).cpu()
+                                          for i in range(0, len(split), batch_size)])  # (N, K)
+        return Split(split.x, split.y, {**(split.teacher_logits or {}), **cached}) if cached else split
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
-                teacher_logits: torch.Tensor | None = None) -> StepOutput:
-        """One step: `teacher_logits` (B, K), when given, replace the teacher's forward pass."""
-        views = self._views(inputs, targets, teacher_logits)
+    def forward(self, batch: Batch, progress: Progress | None = None) -> StepOutput:
+        """One step; a teacher's cached logits in `batch.teacher_logits` replace its forward pass."""
+        views = self._views(batch, progress)
         parts = {term.name: term.weight * term(views) for term in self.terms}
         loss = torch.stack(list(parts.values())).sum()
-        return StepOutput(loss, parts, views.student_logits)
+        return StepOutput(loss, parts, views.student.logits)
 
-    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.student(inputs)
+    def score(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return top1_score(self.student(batch.inputs), batch.targets)
 
     def trainable_module(self) -> nn.Module:
         return self
@@ -146,6 +235,42 @@ class Distiller(nn.Module):
     def save_connectors(self, path) -> None:
         """Write the connectors (training-only parts) to their own file, apart from the student."""
         save_tensors(path, {k: v for k, v in self.terms.state_dict().items()})
+
+
+def _check_participants(student: nn.Module, teachers: dict[str, nn.Module], terms: list) -> None:
+    if not terms:
+        raise ConfigError("Distiller needs at least one loss term, e.g. [KD(T=4, weight=0.9), CE(weight=0.1)]")
+    for i, term in enumerate(terms):
+        if not isinstance(term, Term):
+            raise ConfigError(f"term {i} ({type(term).__name__}) is not a loss term: it needs `name`, `weight`, "
+                              "`reads()`, `build(views)` and `__call__(views)` (see distil.losses.Term).")
+    if STUDENT in teachers:
+        raise ConfigError(f"'{STUDENT}' names the model being trained; give the teacher another name.")
+    for name, teacher in teachers.items():
+        if not isinstance(teacher, nn.Module):
+            raise ConfigError(f"teacher '{name}' is a {type(teacher).__name__}, not an nn.Module")
+        if teacher is student:
+            raise ConfigError(f"the student was passed as its own teacher ('{name}'): the teacher would be frozen "
+                              "with it. Pass a copy: copy.deepcopy(student).")
+    names = [term.name for term in terms]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"two loss terms share the part name {twice}: each part is logged and summed by its name. "
+                          "Give them different teachers or layers, or merge them into one term.")
+
+
+def _resolve_teacher(name: str | None, teachers: dict[str, nn.Module]) -> str:
+    if name is None:
+        if len(teachers) != 1:
+            raise ConfigError(f"a term needs a teacher but does not name one, and there are {len(teachers)} "
+                              f"teachers ({list(teachers)}): pass teacher='<name>' to the term.")
+        return next(iter(teachers))
+    if name not in teachers:
+        from distil.errors import did_you_mean
+
+        raise ConfigError(f"a term reads teacher '{name}', which the Distiller does not have."
+                          + did_you_mean(name, teachers))
+    return name
 
 
 def hinton_terms(T: float = 4.0, alpha: float = 0.9) -> list[nn.Module]:

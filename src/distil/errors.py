@@ -13,7 +13,13 @@ class DistilError(Exception):
     """Base class for errors caused by user input (recipe, data, model, files)."""
 
 
-class RecipeError(DistilError):
+class ConfigError(DistilError, ValueError):
+    """An argument of a distil class or function is invalid (a bad temperature, a negative weight, ...).
+
+    Also a `ValueError`, so code that catches those keeps working."""
+
+
+class RecipeError(ConfigError):
     """A recipe field is unknown, of the wrong type, or out of range."""
 
 

@@ -1,34 +1,106 @@
 """Distillation loss terms: one small `nn.Module` per method, with a pure function beside it.
 
-Every term takes a `Views` (what one forward pass of student and teachers produced) and returns
-a scalar. Its `weight` multiplies it in the total; `Distiller` logs each weighted term by name.
+Every term follows the `Term` protocol: it says what it reads (`reads()`: which teacher, which
+layers), may build connectors from a dry run (`build`), and maps a `Views` (what one forward pass
+of the student and its teachers produced, by participant name) to a scalar. Its `weight`
+multiplies it in the total; `Distiller` logs each weighted term by its unique `name`.
 Convention everywhere: for Hinton's loss `alpha * soft + (1 - alpha) * hard`, `alpha` is the
 weight of the `kd` term and `1 - alpha` the weight of the `ce` term.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from distil.batches import Progress
 from distil.connectors import build_connector
-from distil.errors import ShapeError
+from distil.errors import ConfigError, ModelError, ShapeError
 
 UNLABELED = -1  # target value of transfer-set samples: no hard label, soft targets only
+STUDENT = "student"  # the participant name of the model being trained
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """One participant's forward pass: logits (B, K) and features by tap (module) name."""
+
+    logits: torch.Tensor
+    feats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Views:
-    """One forward pass: logits (B, K), features by tap name, and targets (B,) (-1 = unlabeled)."""
+    """One step as the terms see it: each participant's outputs by name ("student" and the teachers'
+    names), targets (B,) (-1 = unlabeled), the samples' indices, a mask, and the training progress."""
 
-    student_logits: torch.Tensor
+    outputs: dict[str, Outputs]
     targets: torch.Tensor
-    teacher_logits: torch.Tensor | None = None
-    student_feats: dict[str, torch.Tensor] = field(default_factory=dict)
-    teacher_feats: dict[str, torch.Tensor] = field(default_factory=dict)
+    teachers: tuple[str, ...] = ()  # the frozen participants' names, in the Distiller's order
+    index: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    progress: Progress = field(default_factory=Progress)
+
+    @classmethod
+    def of(cls, student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+           student_feats: dict | None = None, teacher_feats: dict | None = None) -> Views:
+        """Views of one student and (optionally) one teacher named "teacher": handy in tests and notebooks."""
+        outputs = {STUDENT: Outputs(student_logits, student_feats or {})}
+        if teacher_logits is not None or teacher_feats:
+            outputs["teacher"] = Outputs(teacher_logits, teacher_feats or {})
+        return cls(outputs, targets, tuple(k for k in outputs if k != STUDENT))
+
+    @property
+    def student(self) -> Outputs:
+        return self.outputs[STUDENT]
+
+    def teacher(self, name: str | None = None) -> Outputs:
+        """The outputs of teacher `name`; `None` means the only teacher (an error when there are several)."""
+        if name is None:
+            if len(self.teachers) != 1:
+                raise ModelError(f"a term reads 'the teacher' but there are {len(self.teachers)} teachers "
+                                 f"({list(self.teachers)}): name the one it reads, e.g. KD(teacher='...').")
+            name = self.teachers[0]
+        if name not in self.outputs:
+            raise ModelError(f"no teacher named '{name}' in this step (participants: {list(self.outputs)}).")
+        return self.outputs[name]
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What a term needs from a step: a teacher (by name; None = the only one) and tapped layers."""
+
+    needs_teacher: bool = False
+    teacher: str | None = None
+    student_layers: tuple[str, ...] = ()
+    teacher_layers: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class Term(Protocol):
+    """A loss term: `weight * term(views)` enters the total under the unique part name `name`."""
+
+    name: str
+    weight: float
+
+    def reads(self) -> Reads: ...
+
+    def build(self, views: Views) -> None: ...
+
+    def __call__(self, views: Views) -> torch.Tensor: ...
+
+
+def check_weight(weight: float, kind: str) -> float:
+    """A term weight must be a finite number >= 0 (a negative weight would maximise the term)."""
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ConfigError(f"{kind}: weight must be a finite number >= 0, got {weight!r}. A weight multiplies the "
+                          "term in the total loss; use 0 to switch a term off.")
+    return float(weight)
 
 
 # --- pure functions -------------------------------------------------------------------------
@@ -87,57 +159,74 @@ class CE(nn.Module):
 
     def __init__(self, weight: float = 1.0, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        self.weight, self.label_smoothing = weight, label_smoothing
+        if not 0 <= label_smoothing < 1:
+            raise ConfigError(f"ce: label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        self.weight, self.label_smoothing = check_weight(weight, "ce"), label_smoothing
         self.name = "ce"
 
+    def reads(self) -> Reads:
+        return Reads()
+
+    def build(self, views: Views) -> None:
+        pass
+
     def forward(self, views: Views) -> torch.Tensor:
-        return ce_loss(views.student_logits, views.targets, self.label_smoothing)
+        return ce_loss(views.student.logits, views.targets, self.label_smoothing)
 
 
 class KD(nn.Module):
-    """Response distillation `weight * T^2 * KL(teacher_T || student_T)` (see `kd_loss`)."""
+    """Response distillation `weight * T^2 * KL(teacher_T || student_T)` (see `kd_loss`).
 
-    needs_teacher = True
+    `teacher` names the teacher it reads (several teachers: one KD term each); None = the only teacher.
+    """
 
-    def __init__(self, T: float = 4.0, weight: float = 1.0) -> None:
+    def __init__(self, T: float = 4.0, weight: float = 1.0, teacher: str | None = None) -> None:
         super().__init__()
-        if T <= 0:
-            raise ValueError(f"KD temperature T must be > 0, got {T}")
-        self.T, self.weight = T, weight
-        self.name = "kd"
+        if not math.isfinite(T) or T <= 0:
+            raise ConfigError(f"KD temperature T must be > 0, got {T}")
+        self.T, self.weight, self.teacher = T, check_weight(weight, "kd"), teacher
+        self.name = "kd" if teacher is None else f"kd:{teacher}"
+
+    def reads(self) -> Reads:
+        return Reads(needs_teacher=True, teacher=self.teacher)
+
+    def build(self, views: Views) -> None:
+        pass
 
     def forward(self, views: Views) -> torch.Tensor:
-        if views.teacher_logits is None:
-            raise ValueError("KD needs teacher logits; give the Distiller a teacher")
-        return kd_loss(views.student_logits, views.teacher_logits, self.T)
+        teacher_logits = views.teacher(self.teacher).logits
+        if teacher_logits is None:
+            raise ModelError("KD needs teacher logits; give the Distiller a teacher")
+        return kd_loss(views.student.logits, teacher_logits, self.T)
 
 
 class _FeaturePair(nn.Module):
-    """Shared plumbing of feature terms: which student and teacher module, and the connector."""
+    """Shared plumbing of feature terms: which student and teacher module (of which teacher), and the connector."""
 
-    needs_teacher = True
-
-    def __init__(self, student: str, teacher: str, weight: float, kind: str) -> None:
+    def __init__(self, student: str, teacher: str, weight: float, kind: str, teacher_name: str | None) -> None:
         super().__init__()
-        self.student_layer, self.teacher_layer, self.weight = student, teacher, weight
-        self.name = f"{kind}:{student}->{teacher}"
+        self.student_layer, self.teacher_layer = student, teacher
+        self.weight, self.teacher = check_weight(weight, kind), teacher_name
+        owner = "" if teacher_name is None else f"{teacher_name}."
+        self.name = f"{kind}:{student}->{owner}{teacher}"
         self.connector: nn.Module = nn.Identity()
 
-    def taps(self) -> tuple[str, str]:
-        return self.student_layer, self.teacher_layer
+    def reads(self) -> Reads:
+        return Reads(True, self.teacher, (self.student_layer,), (self.teacher_layer,))
 
     def pair(self, views: Views) -> tuple[torch.Tensor, torch.Tensor]:
-        return views.student_feats[self.student_layer], views.teacher_feats[self.teacher_layer]
+        return views.student.feats[self.student_layer], views.teacher(self.teacher).feats[self.teacher_layer]
 
 
 class FitNet(_FeaturePair):
     """`weight * MSE(connector(student[student]), teacher[teacher])`; the connector is learned (see `fitnet_loss`)."""
 
-    def __init__(self, student: str, teacher: str, weight: float = 1.0) -> None:
-        super().__init__(student, teacher, weight, "fitnet")
+    def __init__(self, student: str, teacher: str, weight: float = 1.0, teacher_name: str | None = None) -> None:
+        super().__init__(student, teacher, weight, "fitnet", teacher_name)
 
-    def build(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> None:
+    def build(self, views: Views) -> None:
         """Create the connector from one dry-run batch's feature shapes."""
+        student_feat, teacher_feat = self.pair(views)
         where = f"student '{self.student_layer}' -> teacher '{self.teacher_layer}'"
         self.connector = build_connector(tuple(student_feat.shape), tuple(teacher_feat.shape), where)
 
@@ -149,11 +238,13 @@ class FitNet(_FeaturePair):
 class AT(_FeaturePair):
     """`weight * attention transfer` between two feature maps of equal spatial size (see `at_loss`)."""
 
-    def __init__(self, student: str, teacher: str, weight: float = 1000.0, p: float = 2.0) -> None:
-        super().__init__(student, teacher, weight, "at")
+    def __init__(self, student: str, teacher: str, weight: float = 1000.0, p: float = 2.0,
+                 teacher_name: str | None = None) -> None:
+        super().__init__(student, teacher, weight, "at", teacher_name)
         self.p = p
 
-    def build(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> None:
+    def build(self, views: Views) -> None:
+        student_feat, teacher_feat = self.pair(views)
         if student_feat.dim() < 3 or student_feat.shape[2:] != teacher_feat.shape[2:]:
             raise ShapeError(
                 f"attention transfer needs feature maps of the same spatial size: student "

@@ -18,6 +18,7 @@ import yaml
 from distil.checkpoint import atomic_write
 from distil.data import load_splits
 from distil.errors import DistilError
+from distil.build import build_augment
 from distil.recipe import Recipe, dump_recipe
 from distil.stages import STAGES, Run
 
@@ -25,29 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def stage_outputs(recipe: Recipe) -> dict[str, str]:
-    """Each enabled stage and the file whose presence means it is done."""
-    outputs = {"teacher": "teacher.safetensors", "baseline": "baseline.safetensors", "distill": "student.safetensors"}
-    if recipe.compress.enabled:
-        outputs["compress"] = f"{recipe.compress.source}-pruned" + (
-            "-labels.safetensors" if recipe.compress.compare_labels_only else ".safetensors")
-    if recipe.export.enabled:
-        outputs["export"] = "export.json"
-    outputs["report"] = "metrics.json"
-    return outputs
-
-
-# which stage a change in each recipe section invalidates first
-SECTION_STAGE = {"seed": "teacher", "data": "teacher", "teacher": "teacher", "student": "baseline",
-                 "distill": "baseline", "compress": "compress", "export": "export", "report": "report"}
-
-
-def fit_names(recipe: Recipe, stage: str) -> list[str]:
-    """The `fit` run names (checkpoint prefixes) of a stage."""
-    if stage == "compress":
-        return [f"{recipe.compress.source}-pruned", f"{recipe.compress.source}-pruned-labels"]
-    if stage == "export":
-        return [f"{name}-qat" for name in recipe.export.quantize]
-    return [stage] if stage in ("teacher", "baseline", "distill") else []
+    """Each enabled stage and the file whose presence means it is done (the last file it writes)."""
+    return {name: stage.outputs(recipe)[-1] for name, stage in STAGES.items() if stage.enabled(recipe)}
 
 
 def first_changed_stage(recipe: Recipe, run_dir: Path) -> str | None:
@@ -56,8 +36,8 @@ def first_changed_stage(recipe: Recipe, run_dir: Path) -> str | None:
     if not saved.exists():
         return None
     old, new = yaml.safe_load(saved.read_text()) or {}, recipe.model_dump(mode="json")
-    changed = [SECTION_STAGE[k] for k in SECTION_STAGE if old.get(k) != new.get(k)]
-    return min(changed, key=list(STAGES).index) if changed else None
+    changed = [name for name, stage in STAGES.items() if any(old.get(k) != new.get(k) for k in stage.depends)]
+    return changed[0] if changed else None
 
 
 def prepare_run_dir(recipe: Recipe, run_dir: Path, force: bool) -> None:
@@ -88,29 +68,26 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, force: bool) -> None:
 
 
 def _remove_stage_outputs(run_dir: Path, stage: str, recipes: list[Recipe]) -> None:
-    files = {"distill": ["student.safetensors", "student.connectors.safetensors"], "export": ["export.json"],
-             "report": ["metrics.json", "report.md", "report.html"]}.get(stage, [f"{stage}.safetensors"])
+    """Remove a stage's files and checkpoints, as named by the new and the old recipe."""
     for r in recipes:
-        names = fit_names(r, stage)
-        files += [f"checkpoints/{n}-{kind}.safetensors" for n in names for kind in ("last", "best")]
-        if stage == "compress":
-            files += [f"{n}.safetensors" for n in names]
-    if stage == "export":
-        files += [p.name for p in run_dir.glob("*.onnx")]
-    for file in files:
-        (run_dir / file).unlink(missing_ok=True)
-    if stage == "report":
-        shutil.rmtree(run_dir / "plots", ignore_errors=True)
-    if stage == "teacher":
-        (run_dir / "log.jsonl").unlink(missing_ok=True)
+        record = STAGES[stage]
+        files = record.outputs(r) + [f"checkpoints/{n}-{kind}.safetensors" for n in record.fit_names(r)
+                                     for kind in ("last", "best")]
+        for file in files:
+            if file.endswith("/"):
+                shutil.rmtree(run_dir / file, ignore_errors=True)
+            for path in run_dir.glob(file.rstrip("/")) if "*" in file else [run_dir / file]:
+                if path.is_file():
+                    path.unlink()
 
 
 def open_run(recipe: Recipe, run_dir: Path, force: bool = False, on_epoch=None, on_stage=None,
              only: str | None = None) -> Run:
     """Load the data and check the models first: a recipe that cannot run never touches the folder."""
+    augment, normalize = build_augment(recipe.data.augment)
     splits = load_splits(recipe.data.source, recipe.data.args, recipe.seed, recipe.data.val_fraction,
-                         recipe.data.test_fraction)
-    run = Run(recipe, Path(run_dir), splits, on_epoch, on_stage)
+                         recipe.data.test_fraction, normalize)
+    run = Run(recipe, Path(run_dir), splits, on_epoch, on_stage, augment or None)
     run.check_models()
     if only is not None:
         first = first_changed_stage(recipe, Path(run_dir))
@@ -144,7 +121,7 @@ def run_pipeline(recipe: Recipe, run_dir: Path, force: bool = False,
         todo = list(outputs)[list(outputs).index(missing[0]):] if missing else []
     for name in todo:
         log.info("stage %s", name)
-        STAGES[name](run)
+        STAGES[name].run(run)
     return todo
 
 

@@ -1,8 +1,8 @@
 """Recipes: pydantic models, one per section, every field defaulted, unknown keys rejected.
 
-A recipe names data, teacher, student, distillation terms and training settings. Config stops
-here: builders turn it into flat typed arguments (`TrainConfig`, loss-term constructors,
-model factories). YAML is read with `safe_load` only.
+A recipe names data, teacher, student, distillation terms and training settings. This module is
+the schema alone (it imports nothing else of distil but its errors); `distil.build` checks the
+names a recipe refers to and turns it into objects. YAML is read with `safe_load` only.
 """
 
 from __future__ import annotations
@@ -12,16 +12,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distil.errors import DistilError, RecipeError, did_you_mean
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf and nan are never a sensible setting (`lr: .inf` would only surface later as a NaN loss)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class TrainSection(_Section):
+class TrainConfig(_Section):
+    """How one model trains: optimiser, schedule, batches. The recipe's `train:` sections and `fit`'s config."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -32,6 +37,10 @@ class TrainSection(_Section):
     step_size: int = Field(30, ge=1)
     gamma: float = Field(0.1, gt=0)
     patience: int | None = Field(None, ge=1)
+    workers: int = Field(0, ge=0)  # DataLoader worker processes for Dataset sources (in-memory data needs none)
+
+
+TrainSection = TrainConfig  # the recipe's name for it
 
 
 class DataSection(_Section):
@@ -39,12 +48,15 @@ class DataSection(_Section):
     args: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the source function
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)  # used only when the source has no test split
+    # train-time image augmentation, in order, e.g. [{kind: random_crop, size: 32, padding: 4}, {kind: hflip}];
+    # a `normalize` entry sets the normalisation of every split (else: per-channel train statistics)
+    augment: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ModelSection(BaseModel):
     """`model` is a zoo name or 'package.module:factory'; any other key is a knob of that factory."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     model: str = "mlp"
     checkpoint: str | None = None  # load these weights instead of training (teacher only)
     train: TrainSection = Field(default_factory=TrainSection)
@@ -55,7 +67,8 @@ class ModelSection(BaseModel):
 
 class DistillSection(_Section):
     terms: list[dict[str, Any]] = Field(
-        default_factory=lambda: [{"kind": "kd", "weight": 0.9, "T": 4.0}, {"kind": "ce", "weight": 0.1}])
+        default_factory=lambda: [{"kind": "kd", "weight": 0.9, "T": 4.0}, {"kind": "ce", "weight": 0.1}],
+        min_length=1)
     use_transfer: bool = True  # add the source's unlabeled transfer set to the training split
 
 
@@ -103,6 +116,9 @@ class ReportSection(_Section):
 class Recipe(_Section):
     name: str = "run"
     seed: int = 0
+    device: str = "auto"  # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 with loss scaling)
+    compile: bool = False  # torch.compile the models being trained
     data: DataSection = Field(default_factory=DataSection)
     teacher: ModelSection = Field(default_factory=lambda: ModelSection(model="cnn1d"))
     student: ModelSection = Field(default_factory=ModelSection)
@@ -112,18 +128,17 @@ class Recipe(_Section):
     report: ReportSection = Field(default_factory=ReportSection)
 
 
-def load_recipe(source: str | Path | dict, where: str = "recipe") -> Recipe:
-    """Read a YAML file (or a dict from `where`), validate every section, and check the names it refers to."""
+def parse_recipe(source: str | Path | dict, where: str = "recipe") -> Recipe:
+    """Read a YAML file (or a dict from `where`) and validate its schema. `distil.build.load_recipe` also checks
+    the names it refers to (sources, models, losses)."""
     if isinstance(source, dict):
         raw = source
     else:
         raw, where = _read_yaml(Path(source)), str(source)
     try:
-        recipe = Recipe.model_validate(raw)
+        return Recipe.model_validate(raw)
     except ValidationError as err:
         raise RecipeError(f"{where}: " + _explain(err)) from None
-    check_references(recipe)
-    return recipe
 
 
 def read_recipe(path: str | Path) -> dict:
@@ -179,76 +194,6 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
             return []
         model = annotation
     return list(model.model_fields)
-
-
-def bind_kwargs(fn, kwargs: dict[str, Any], where: str) -> dict[str, Any]:
-    """Validate `kwargs` against `fn`'s signature (names and annotated types) and return them coerced.
-
-    An unknown name or a wrong type raises `RecipeError` naming `where` and the allowed names.
-    """
-    sig = inspect.signature(fn, eval_str=True)
-    skip = {"self", "input_shape", "num_classes"}
-    params = {n: p for n, p in sig.parameters.items() if n not in skip and p.kind not in (p.VAR_POSITIONAL,)}
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return dict(kwargs)
-    fields = {n: (Any if p.annotation is p.empty else p.annotation, ... if p.default is p.empty else p.default)
-              for n, p in params.items()}
-    model = create_model(f"{getattr(fn, '__name__', 'options')}_options", __config__=ConfigDict(extra="forbid"), **fields)
-    try:
-        validated = model.model_validate(kwargs)
-    except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            name = ".".join(str(p) for p in e["loc"])
-            if e["type"] == "extra_forbidden":
-                allowed = f"allowed: {sorted(fields)}" if fields else "it takes no options"
-                problems.append(f"unknown option '{name}' ({allowed})." + (did_you_mean(name, fields) if fields else ""))
-            else:
-                problems.append(f"'{name}': {e['msg']} (got {e.get('input')!r})")
-        raise RecipeError(f"{where}: " + " ".join(problems)) from None
-    return {k: getattr(validated, k) for k in kwargs}
-
-
-def check_references(recipe: Recipe) -> None:
-    """Check what the schema cannot: source, model and loss names and their options."""
-    from distil.data import SOURCES
-    from distil.losses import LOSSES
-    from distil.models import MODELS, resolve_factory
-
-    if recipe.data.source not in SOURCES:
-        raise RecipeError(f"data.source: unknown source '{recipe.data.source}'." + did_you_mean(recipe.data.source, SOURCES))
-    bind_kwargs(SOURCES[recipe.data.source], recipe.data.args, "data.args")
-    for role in ("teacher", "student"):
-        section: ModelSection = getattr(recipe, role)
-        if section.model in MODELS:
-            bind_kwargs(resolve_factory(section.model), section.knobs(), f"{role} (model '{section.model}')")
-    names = ["teacher", "baseline", "student"]
-    if recipe.compress.enabled:
-        names += [f"{recipe.compress.source}-pruned", f"{recipe.compress.source}-pruned-labels"]
-    for name in recipe.export.quantize if recipe.export.enabled else []:
-        if name not in names:
-            raise RecipeError(f"export.quantize: this run has no model '{name}' (it has {names})."
-                              + did_you_mean(name, names))
-    if recipe.export.enabled and recipe.export.quantize and recipe.export.quantization != "dynamic" \
-            and recipe.export.calibration_samples == 0:
-        raise RecipeError("export.calibration_samples is 0: static quantization needs a calibration set. "
-                          "Set it to e.g. 512, or export.quantization: dynamic.")
-    for i, term in enumerate(recipe.distill.terms):
-        kind = term.get("kind")
-        if kind not in LOSSES:
-            raise RecipeError(f"distill.terms[{i}].kind: unknown loss '{kind}'." + did_you_mean(str(kind), LOSSES))
-        bind_kwargs(LOSSES[kind], {k: v for k, v in term.items() if k != "kind"}, f"distill.terms[{i}] ({kind})")
-
-
-def build_terms(specs: list[dict[str, Any]]) -> list:
-    """Recipe terms -> loss modules, e.g. {kind: kd, weight: 0.9, T: 4} -> KD(T=4.0, weight=0.9)."""
-    from distil.losses import LOSSES
-
-    terms = []
-    for i, spec in enumerate(specs):
-        cls = LOSSES[spec["kind"]]
-        terms.append(cls(**bind_kwargs(cls, {k: v for k, v in spec.items() if k != "kind"}, f"distill.terms[{i}]")))
-    return terms
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -13,32 +13,32 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from distil.build import build_augment, build_terms
 from distil.checkpoint import atomic_write, load_weights
 from distil.compress.prune import channel_prune, magnitude_prune, make_permanent, sparsity_of
-from distil.data import Split, Splits
+from distil.data import Data, Split, Splits, in_memory, take
+from distil.device import resolve_device
 from distil.distiller import ClassificationTask, Distiller
-from distil.errors import ModelError, RecipeError
+from distil.errors import ConfigError, ModelError, RecipeError
 from distil.evaluate import evaluate_model, evaluate_onnx, predict_logits
 from distil.export import export_onnx, has_convolutions, quantize_onnx, run_onnx, session
 from distil.modelfile import load_model_file, save_model_file
 from distil.models import build_model
-from distil.recipe import ModelSection, Recipe, TrainSection, build_terms
+from distil.recipe import ModelSection, Recipe, TrainConfig
 from distil.report import with_ratios, write_report
-from distil.train import TrainConfig, fit
-
-log = logging.getLogger(__name__)
+from distil.train import fit
 
 
 @dataclass
@@ -50,9 +50,22 @@ class Run:
     splits: Splits
     on_epoch: Callable[[dict], None] | None = None
     on_stage: Callable[[str, int], None] | None = None
+    augment: Callable | None = field(default=None)
 
     def path(self, name: str) -> Path:
         return self.run_dir / name
+
+    @cached_property
+    def device(self) -> torch.device:
+        return resolve_device(self.recipe.device)
+
+    @cached_property
+    def val(self) -> Split:
+        return in_memory(self.splits.val)
+
+    @cached_property
+    def test(self) -> Split:
+        return in_memory(self.splits.test)
 
     def model(self, role: str) -> nn.Module:
         """A freshly initialised teacher or student (seeded, so every build is the same)."""
@@ -62,7 +75,9 @@ class Run:
 
     def check_models(self) -> None:
         """Fail before any training if a model's output does not fit the data, or a loss term its models."""
-        sample = self.splits.train.x[:2]
+        sample = take(self.splits.train, [0, min(1, len(self.splits.train) - 1)]).x
+        if self.augment:
+            sample = self.augment(sample, torch.Generator().manual_seed(0))
         models = {}
         for role in ("teacher", "student"):
             model = models[role] = self.model(role).eval()
@@ -80,25 +95,44 @@ class Run:
                     f"{self.splits.num_classes} classes: teacher and student must both give (batch, "
                     f"{self.splits.num_classes}) logits as one tensor. Build it with num_classes.")
         try:
-            terms = build_terms(self.recipe.distill.terms)
-        except ValueError as err:
+            distiller = Distiller(models["student"], models["teacher"], build_terms(self.recipe.distill.terms))
+        except ConfigError as err:
             raise RecipeError(f"distill.terms: {err}") from err
-        Distiller(models["student"], models["teacher"], terms).prepare(sample)  # layer names and shapes
+        from distil.batches import Batch
 
-    def fit(self, task, train: Split, section: TrainSection, name: str, epochs: int | None = None):
-        cfg = TrainConfig(**section.model_dump(), seed=self.recipe.seed)
-        if epochs is not None:
-            cfg = TrainConfig(**{**cfg.__dict__, "epochs": epochs})
-        if self.on_stage:
+        distiller.prepare(Batch(sample, torch.zeros(2, dtype=torch.long)))  # layer names and shapes
+
+    def fit(self, task, train: Data, section: TrainConfig, name: str, epochs: int | None = None,
+            record: bool = True):
+        """`fit` with the recipe's seed, device, precision and augmentation; `record`: checkpoints and log."""
+        cfg = section if epochs is None else section.model_copy(update={"epochs": epochs})
+        if self.on_stage and record:
             self.on_stage(name, cfg.epochs)
-        return fit(task, train, self.splits.val, cfg, name=name, checkpoint_dir=self.path("checkpoints"),
-                   log_path=self.path("log.jsonl"), on_epoch=self.on_epoch)
+        r = self.recipe
+        return fit(task, train, self.splits.val, cfg, name=name, seed=r.seed, device=self.device,
+                   precision=r.precision, compile=r.compile, augment=self.augment,
+                   checkpoint_dir=self.path("checkpoints") if record else None,
+                   log_path=self.path("log.jsonl") if record else None, on_epoch=self.on_epoch if record else None)
+
+    def distill(self, student: nn.Module, teacher: nn.Module, section: TrainConfig, name: str,
+                record: bool = True) -> Distiller:
+        """Distil `student` from `teacher` with the recipe's terms, on the training split plus the transfer set.
+
+        With in-memory data and no augmentation, the teacher's logits are computed once (on the device)
+        instead of at every step; with random augmentation the teacher must see each new view, so it runs online.
+        """
+        distiller = Distiller(student, teacher, build_terms(self.recipe.distill.terms)).to(self.device)
+        train = self.distill_train()
+        if isinstance(train, Split) and not self.augment:
+            train = distiller.with_teacher_logits(train)
+        self.fit(distiller, train, section, name, record=record)
+        return distiller
 
     def save(self, model: nn.Module, name: str, role: str, **extra) -> None:
         section: ModelSection = getattr(self.recipe, role)
         spec = {"model": section.model, "knobs": section.knobs(), "input_shape": list(self.splits.input_shape),
                 "num_classes": self.splits.num_classes, "class_names": self.splits.class_names}
-        save_model_file(model, self.path(f"{name}.safetensors"), spec, **extra)
+        save_model_file(model.cpu(), self.path(f"{name}.safetensors"), spec, **extra)
 
     def load(self, name: str) -> nn.Module:
         return load_model_file(self.path(f"{name}.safetensors"))[0]
@@ -107,9 +141,9 @@ class Run:
         """A seeded random subset of the training split (calibration, importance): never just its first
         rows, which can all be one class when the source lists samples class by class."""
         idx = torch.randperm(len(self.splits.train), generator=torch.Generator().manual_seed(self.recipe.seed))[:n]
-        return Split(self.splits.train.x[idx], self.splits.train.y[idx])
+        return take(self.splits.train, idx)
 
-    def distill_train(self) -> Split:
+    def distill_train(self) -> Data:
         return self.splits.with_transfer() if self.recipe.distill.use_transfer else self.splits.train
 
 
@@ -138,12 +172,10 @@ def stage_baseline(run: Run) -> None:
 
 
 def stage_distill(run: Run) -> None:
-    teacher = run.load("teacher")
     student = run.model("student")
-    distiller = Distiller(student, teacher, build_terms(run.recipe.distill.terms))
-    run.fit(distiller, distiller.with_teacher_logits(run.distill_train()), run.recipe.student.train, "distill")
-    run.save(student, "student", "student")
-    distiller.save_connectors(run.path("student.connectors.safetensors"))
+    distiller = run.distill(student, run.load("teacher"), run.recipe.student.train, "distill")
+    distiller.cpu().save_connectors(run.path("student.connectors.safetensors"))
+    run.save(student, "student", "student")  # last: its presence marks the stage done
 
 
 def stage_compress(run: Run) -> None:
@@ -157,8 +189,7 @@ def stage_compress(run: Run) -> None:
     pruned, info = prune(run, copies[0], source)
     labels_only = prune(run, copies[1], source)[0] if c.compare_labels_only else None
     name = f"{c.source}-pruned"
-    distiller = Distiller(pruned, source, build_terms(run.recipe.distill.terms))
-    run.fit(distiller, distiller.with_teacher_logits(run.distill_train()), c.finetune, name)
+    run.distill(pruned, source, c.finetune, name)
     run.save(make_permanent(pruned), name, source_name, pruned=c.method == "channels", pruning=info,
              finetune="distillation from the unpruned source")
     if labels_only is not None:
@@ -173,12 +204,12 @@ def prune(run: Run, model: nn.Module, source: nn.Module) -> tuple[nn.Module, dic
         return model, magnitude_prune(model, c.ratio, c.scope, tuple(c.exclude), permanent=False)
     batch = run.sample(256)  # for the dry run and Taylor importance
     x, y = batch.x, batch.y
-    short = TrainConfig(**{**c.finetune.model_dump(), "epochs": max(1, c.finetune.epochs // c.steps)},
-                        seed=run.recipe.seed)
+    short = c.finetune.model_copy(update={"epochs": max(1, c.finetune.epochs // c.steps)})
 
     def between_steps(step: int) -> None:  # a short distillation fine-tune between pruning steps
-        distiller = Distiller(model, source, build_terms(run.recipe.distill.terms))
-        fit(distiller, distiller.with_teacher_logits(run.distill_train()), None, short)
+        run.distill(model, source, short, f"prune-step-{step}", record=False)
+        model.cpu()
+        source.cpu()
 
     info = channel_prune(model, x[:1], c.ratio, c.importance, c.target, c.steps, tuple(c.exclude),
                          between_steps=between_steps, taylor_loss=lambda m: F.cross_entropy(m(x), y))
@@ -191,7 +222,7 @@ def stage_export(run: Run) -> None:
     Every file is written atomically; export.json, which marks the stage done, comes last.
     """
     e = run.recipe.export
-    sample, test_x = run.splits.test.x[:256], run.splits.test.x.numpy()
+    sample, test_x = run.test.x[:256], run.test.x.numpy()
     calibration = run.sample(e.calibration_samples).x.numpy()
     summary: dict[str, dict] = {}
     for name in model_names(run):
@@ -215,8 +246,8 @@ def stage_export(run: Run) -> None:
 
 
 def _val_accuracy(run: Run, onnx_file: str) -> float:
-    logits = run_onnx(session(run.path(onnx_file)), run.splits.val.x.numpy())
-    return float((logits.argmax(1) == run.splits.val.y.numpy()).mean())
+    logits = run_onnx(session(run.path(onnx_file)), run.val.x.numpy())
+    return float((logits.argmax(1) == run.val.y.numpy()).mean())
 
 
 def quantization_aware_finetune(run: Run, name: str, mode: str, calibration, before: float) -> dict:
@@ -232,13 +263,13 @@ def quantization_aware_finetune(run: Run, name: str, mode: str, calibration, bef
     teacher = run.load(name.removesuffix("-pruned-labels").removesuffix("-pruned")
                        if name.endswith(("-pruned", "-pruned-labels")) else "teacher")
     with fake_quantized(model):
-        distiller = Distiller(model, teacher, build_terms(run.recipe.distill.terms))
-        run.fit(distiller, distiller.with_teacher_logits(run.distill_train()), e.qat_finetune, f"{name}-qat")
+        run.distill(model, teacher, e.qat_finetune, f"{name}-qat")
+        model.cpu()
     with tempfile.TemporaryDirectory() as tmp:
-        export_onnx(model, run.splits.test.x[:256], Path(tmp) / "qat.onnx", e.parity_atol)
+        export_onnx(model, run.test.x[:256], Path(tmp) / "qat.onnx", e.parity_atol)
         quantize_onnx(Path(tmp) / "qat.onnx", Path(tmp) / "qat-int8.onnx", mode, calibration, e.per_channel)
-        logits = run_onnx(session(Path(tmp) / "qat-int8.onnx"), run.splits.val.x.numpy())
-        after = _val_accuracy(run, f"{name}.onnx") - float((logits.argmax(1) == run.splits.val.y.numpy()).mean())
+        logits = run_onnx(session(Path(tmp) / "qat-int8.onnx"), run.val.x.numpy())
+        after = _val_accuracy(run, f"{name}.onnx") - float((logits.argmax(1) == run.val.y.numpy()).mean())
         kept = after < before  # keep whichever int8 file loses less
         if kept:
             atomic_write(run.path(f"{name}-int8.onnx"), lambda out: shutil.copyfile(Path(tmp) / "qat-int8.onnx", out))
@@ -266,7 +297,7 @@ def stage_report(run: Run) -> None:
 
 def _report(run: Run) -> None:
     r = run.recipe.report
-    test = run.splits.test
+    test = run.test
     teacher_pred = predict_logits(run.load("teacher"), test.x).argmax(1)
     models: dict[str, dict] = {}
     for name in model_names(run):
@@ -349,6 +380,34 @@ def read_history(path: Path) -> list[dict]:
     return sorted(records.values(), key=lambda r: (order.index(r["stage"]), r["epoch"]))
 
 
-STAGES: dict[str, Callable[[Run], None]] = {
-    "teacher": stage_teacher, "baseline": stage_baseline, "distill": stage_distill,
-    "compress": stage_compress, "export": stage_export, "report": stage_report}
+@dataclass(frozen=True)
+class Stage:
+    """One stage, in one place: what runs, the files it writes (the last one marks it done), the recipe
+    sections whose change redoes it (and every later stage), and its `fit` names (checkpoint prefixes)."""
+
+    name: str
+    run: Callable[[Run], None]
+    outputs: Callable[[Recipe], list[str]]
+    depends: tuple[str, ...] = ()
+    fit_names: Callable[[Recipe], list[str]] = lambda recipe: []
+    enabled: Callable[[Recipe], bool] = lambda recipe: True
+
+
+def _pruned(r: Recipe) -> list[str]:
+    names = [f"{r.compress.source}-pruned"]
+    return names + [f"{names[0]}-labels"] if r.compress.compare_labels_only else names
+
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in [
+    Stage("teacher", stage_teacher, lambda r: ["log.jsonl", "teacher.safetensors"],
+          ("seed", "data", "teacher", "precision"), lambda r: ["teacher"]),
+    Stage("baseline", stage_baseline, lambda r: ["baseline.safetensors"], ("student", "distill"),
+          lambda r: ["baseline"]),
+    Stage("distill", stage_distill, lambda r: ["student.connectors.safetensors", "student.safetensors"], (),
+          lambda r: ["distill"]),
+    Stage("compress", stage_compress, lambda r: [f"{n}.safetensors" for n in _pruned(r)], ("compress",),
+          _pruned, lambda r: r.compress.enabled),
+    Stage("export", stage_export, lambda r: ["*.onnx", "export.json"], ("export",),
+          lambda r: [f"{name}-qat" for name in r.export.quantize], lambda r: r.export.enabled),
+    Stage("report", stage_report, lambda r: ["plots/", "report.md", "report.html", "metrics.json"], ("report",)),
+]}

@@ -1,16 +1,18 @@
 """`fit`: the one training loop for teacher, baseline, distillation and fine-tuning.
 
-The loop reads top to bottom: seed, prepare the task (dry run), build optimiser and schedule,
-resume from the last checkpoint, then per epoch train, validate, checkpoint, log. Nothing is
-lost: checkpoints are atomic, a run resumes where it stopped, and a non-finite loss stops the
-run with the last good checkpoint kept.
+The loop reads top to bottom: seed, put the task on its device, prepare it (dry run), build
+optimiser and schedule, resume from the last checkpoint, then per epoch train, validate,
+checkpoint, log. Data comes as batches (`distil.batches`) from in-memory tensors, a Dataset or a
+DataLoader. Nothing is lost: checkpoints are atomic, a run resumes where it stopped, and a
+non-finite loss stops the run with the last good checkpoint kept. No step waits on the device:
+losses are summed and checked for non-finite values on the device, and read every
+`CHECK_EVERY` steps and at the end of each epoch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,62 +21,71 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distil.batches import Batch, Batches, Progress
 from distil.checkpoint import load_tensors, save_tensors
 from distil.data import Split
+from distil.device import autocast, check_precision, grad_scaler, resolve_device
 from distil.distiller import Task
-from distil.errors import DataError, NonFiniteLossError
+from distil.errors import ConfigError, DataError, NonFiniteLossError
+from distil.recipe import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 128
-    optimizer: str = "adamw"  # "adamw" | "sgd"
-    lr: float = 1e-3
-    momentum: float = 0.9  # SGD only
-    weight_decay: float = 0.0
-    schedule: str = "cosine"  # "cosine" | "step" | "onecycle" | "constant"
-    step_size: int = 30  # epochs between decays, "step" only
-    gamma: float = 0.1  # decay factor, "step" only
-    patience: int | None = None  # stop after this many epochs without a better val accuracy
-    seed: int = 0
+CHECK_EVERY = 50  # steps between reads of the non-finite flag (each read waits for the device)
+Augmenter = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 @dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)  # one record per epoch
-    best_val_acc: float = -1.0
+    best_score: float = -1.0  # the task's validation metric at the best epoch (or -loss without validation)
     best_epoch: int = -1
     stopped_early: bool = False
     best_state: dict | None = field(default=None, repr=False)  # in memory, when there is no checkpoint_dir
 
 
-def fit(task: Task, train: Split, val: Split | None, cfg: TrainConfig, *, name: str = "fit",
-        checkpoint_dir: Path | None = None, log_path: Path | None = None,
+@dataclass(frozen=True)
+class _Env:
+    """Where and how the steps run: device, precision, loss scaler and train-time augmentation."""
+
+    device: torch.device
+    precision: str
+    scaler: torch.amp.GradScaler
+    augment: Augmenter | None
+    seed: int
+
+
+def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: int = 0,
+        device: str | torch.device = "auto", precision: str = "fp32", compile: bool = False,
+        augment: Augmenter | None = None, checkpoint_dir: Path | None = None, log_path: Path | None = None,
         on_epoch: Callable[[dict], None] | None = None) -> FitResult:
     """Train `task` on `train`, validating on `val` each epoch; the best weights are restored at the end.
 
-    With `checkpoint_dir`, `<name>-last.safetensors` (full state) and `<name>-best.safetensors`
-    are written each epoch, and a rerun resumes from the last one.
+    `train`/`val`: a `Split`, a map-style `Dataset` yielding `(input, target)`, or a `DataLoader`.
+    `augment(inputs, generator)` transforms each training batch on the device; the student and its
+    teachers see the same view. With `checkpoint_dir`, `<name>-last.safetensors` (full state) and
+    `<name>-best.safetensors` are written each epoch, and a rerun resumes from the last one.
     """
     if len(train) == 0:
         raise DataError(f"the training split of stage '{name}' is empty: check the data source")
-    torch.manual_seed(cfg.seed)
-    task.prepare(train.x[: cfg.batch_size])
-    module = task.trainable_module()
-    steps_per_epoch = max(1, len(train) // cfg.batch_size)
+    where = resolve_device(device)
+    check_precision(precision, where)
+    env = _Env(where, precision, grad_scaler(where, precision), augment, seed)
+    torch.manual_seed(seed)
+    batches = _batches(train, cfg, env, shuffle=True)
+    module = _prepare(task, batches, train, env, compile)
     optimizer = make_optimizer(module, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    scheduler = make_scheduler(optimizer, cfg, max(1, len(batches)))
     last = best = None
     if checkpoint_dir is not None:
         last, best = Path(checkpoint_dir) / f"{name}-last.safetensors", Path(checkpoint_dir) / f"{name}-best.safetensors"
     result = _resume(last, module, optimizer, scheduler) if last and last.exists() else FitResult()
+    val_batches = _batches(val, cfg, env, shuffle=False) if val is not None and len(val) else None
     for epoch in range(len(result.history), 0 if result.stopped_early else cfg.epochs):
-        record = {"stage": name, "epoch": epoch + 1, **_train_epoch(task, train, optimizer, scheduler, cfg, epoch, last)}
-        record["val_acc"] = _val_accuracy(task, module, val) if val is not None and len(val) else None
-        _update_best(result, record, epoch, module, best)
+        progress = Progress(epoch, epoch * len(batches), len(batches), cfg.epochs)
+        record = {"stage": name, "epoch": epoch + 1,
+                  **_train_epoch(task, batches, optimizer, scheduler, env, progress, last)}
+        record[f"val_{task.metric}"] = _validate(task, module, val_batches, env) if val_batches else None
+        _update_best(result, record, task, epoch, module, best)
         result.history.append(record)
         result.stopped_early = cfg.patience is not None and epoch - result.best_epoch >= cfg.patience
         if last is not None:
@@ -83,63 +94,118 @@ def fit(task: Task, train: Split, val: Split | None, cfg: TrainConfig, *, name: 
         if result.stopped_early:
             break
     if best is not None and best.exists():
-        module.load_state_dict(load_tensors(best)[0])
+        module.load_state_dict(load_tensors(best, device=env.device)[0])
     elif result.best_state is not None:
         module.load_state_dict(result.best_state)
     return result
 
 
-def _train_epoch(task: Task, train: Split, optimizer, scheduler, cfg: TrainConfig, epoch: int,
+def _batches(data, cfg: TrainConfig, env: _Env, shuffle: bool) -> Batches:
+    """Training batches (shuffled, ragged last batch dropped) or validation batches (in order, all samples).
+    In-memory data moves to the device once, so batches are taken there."""
+    if isinstance(data, Split) and env.device.type != "cpu":
+        data = data.to(env.device)
+    size = min(cfg.batch_size, len(data)) if shuffle else max(cfg.batch_size, 1024 if isinstance(data, Split) else 0)
+    return Batches(data, size, shuffle=shuffle, seed=env.seed, drop_last=shuffle, workers=cfg.workers,
+                   pin_memory=env.device.type == "cuda")
+
+
+def _prepare(task: Task, batches: Batches, train, env: _Env, compile: bool) -> nn.Module:
+    """Move the task to its device, dry-run one batch (connectors, class counts), check the labels, compile."""
+    task.to(env.device)
+    first = batches.first(batches.batch_size).to(env.device)
+    if env.augment is not None:
+        first = first.with_inputs(env.augment(first.inputs, torch.Generator().manual_seed(env.seed)))
+    with autocast(env.device, env.precision):
+        task.prepare(first)
+    if isinstance(train, Split):
+        task.check_targets(train.y)
+    module = task.trainable_module()
+    if compile:
+        if not hasattr(torch, "compile"):
+            raise ConfigError("compile: true needs torch.compile (torch >= 2.0)")
+        task.compile()
+    return module
+
+
+def _train_epoch(task: Task, batches: Batches, optimizer, scheduler, env: _Env, progress: Progress,
                  last: Path | None) -> dict:
-    """One pass over `train` in shuffled batches taken by indexing; returns mean loss parts and speed."""
+    """One pass over the training batches; returns mean loss parts and speed."""
     module = task.trainable_module()
     module.train()
-    torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: same stream whether resumed or not
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-    batch = min(cfg.batch_size, len(train))
+    torch.manual_seed(env.seed * 1000 + progress.epoch)  # dropout etc.: same stream whether resumed or not
+    views = torch.Generator().manual_seed(env.seed * 1000 + progress.epoch + 1)  # augmentation, resumable too
     sums: dict[str, torch.Tensor] = {}
-    seen, start_time = 0, time.perf_counter()
-    for step, start in enumerate(range(0, len(train) - batch + 1, batch)):  # drop the ragged last batch
-        idx = order[start:start + batch]
-        cached = {} if train.teacher_logits is None else {"teacher_logits": train.teacher_logits[idx]}
-        out = task.forward(train.x[idx], train.y[idx], **cached)
-        if not torch.isfinite(out.loss):
-            _raise_non_finite(out, epoch, step, last)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
+    losses: list[torch.Tensor] = []  # on the device; read every CHECK_EVERY steps
+    seen, start_time, steps = 0, time.perf_counter(), 0
+    for step, batch in enumerate(batches.epoch(progress.epoch)):
+        batch = batch.to(env.device)
+        if env.augment is not None:
+            batch = batch.with_inputs(env.augment(batch.inputs, views))
+        out = _step(task, batch, optimizer, env, Progress(progress.epoch, progress.step + step,
+                                                          progress.steps_per_epoch, progress.epochs))
         scheduler.step()
         for key, value in out.parts.items():
-            sums[key] = sums.get(key, 0.0) + value.detach()
-        seen += len(idx)
+            sums[key] = sums.get(key, 0.0) + value.detach().float()
+        losses.append(out.loss.detach())
+        if len(losses) % CHECK_EVERY == 0:
+            _check_finite(losses, sums, progress.epoch, last)
+        seen, steps = seen + len(batch), steps + 1
+    _check_finite(losses, sums, progress.epoch, last)
     seconds = time.perf_counter() - start_time
-    steps = max(1, seen // batch)
-    parts = {key: float(value) / steps for key, value in sums.items()}
+    parts = {key: float(value) / max(1, steps) for key, value in sums.items()}
     return {"loss": sum(parts.values()), "parts": parts, "lr": optimizer.param_groups[0]["lr"],
             "samples_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
 
 
-def _raise_non_finite(out, epoch: int, step: int, last: Path | None) -> None:
-    parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.parts.items())
+def _step(task: Task, batch: Batch, optimizer, env: _Env, progress: Progress):
+    """Forward under autocast, backward (loss-scaled for fp16), optimiser step."""
+    try:
+        with autocast(env.device, env.precision):
+            out = task.forward(batch, progress)
+    except IndexError as err:  # a label out of range in data the loop could not check up front
+        raise DataError(f"a training step failed on the batch's labels or indices: {err}. Labels must be "
+                        "0..K-1 for a model with K outputs (or -1 for unlabeled samples).") from err
+    optimizer.zero_grad(set_to_none=True)
+    env.scaler.scale(out.loss).backward()
+    env.scaler.step(optimizer)
+    env.scaler.update()
+    return out
+
+
+def _check_finite(losses: list[torch.Tensor], sums: dict[str, torch.Tensor], epoch: int, last: Path | None) -> None:
+    """Read the losses of the epoch's steps so far (one wait for the device); raise at the first non-finite one."""
+    stacked = torch.stack(losses)
+    bad = ~torch.isfinite(stacked)
+    if not bool(bad.any()):
+        return
+    step = int(bad.nonzero()[0, 0])
+    parts = ", ".join(f"{k}={float(v):.4g}" for k, v in sums.items())
     kept = f" The last good checkpoint is kept at {last}." if last is not None and last.exists() else ""
     raise NonFiniteLossError(
-        f"the loss became {float(out.loss.detach())} at epoch {epoch + 1}, step {step + 1} ({parts}).{kept} "
+        f"the loss became {float(stacked[step])} at epoch {epoch + 1}, step {step + 1} (parts summed over the "
+        f"epoch so far: {parts}).{kept} "
         "Lower the learning rate, check the inputs for NaN/inf, or lower the KD temperature.")
 
 
 @torch.inference_mode()
-def _val_accuracy(task: Task, module: nn.Module, split: Split, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of `task.predict` on `split`, with the trainable module in eval mode."""
+def _validate(task: Task, module: nn.Module, batches: Batches, env: _Env) -> float:
+    """The task's validation metric (e.g. top-1 accuracy) over all batches, with the trainable module in eval mode."""
     module.eval()
-    correct = sum(int((task.predict(split.x[i:i + batch_size]).argmax(1) == split.y[i:i + batch_size]).sum())
-                  for i in range(0, len(split), batch_size))
-    return correct / len(split)
+    total = count = torch.zeros((), device=env.device)
+    for batch in batches.epoch(0):
+        with autocast(env.device, env.precision):
+            score, n = task.score(batch.to(env.device))
+        total, count = total + score, count + n
+    return float(total) / max(1.0, float(count))
 
 
-def _update_best(result: FitResult, record: dict, epoch: int, module: nn.Module, best: Path | None) -> None:
-    score = record["val_acc"] if record["val_acc"] is not None else -record["loss"]
-    if result.best_epoch < 0 or score > result.best_val_acc:
-        result.best_val_acc, result.best_epoch = score, epoch
+def _update_best(result: FitResult, record: dict, task: Task, epoch: int, module: nn.Module,
+                 best: Path | None) -> None:
+    value = record[f"val_{task.metric}"]
+    score = -record["loss"] if value is None else value if task.higher_is_better else -value
+    if result.best_epoch < 0 or score > result.best_score:
+        result.best_score, result.best_epoch = score, epoch
         if best is not None:
             save_tensors(best, module.state_dict())
         else:
@@ -147,7 +213,8 @@ def _update_best(result: FitResult, record: dict, epoch: int, module: nn.Module,
 
 
 def _emit(record: dict, log_path: Path | None, on_epoch: Callable[[dict], None] | None) -> None:
-    log.info("%s epoch %d: loss %.4f val_acc %s", record["stage"], record["epoch"], record["loss"], record["val_acc"])
+    log.info("%s epoch %d: loss %.4f %s", record["stage"], record["epoch"], record["loss"],
+             {k: v for k, v in record.items() if k.startswith("val_")})
     if log_path is not None:
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -161,7 +228,7 @@ def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'sgd' or 'adamw'")
+    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use 'sgd' or 'adamw'")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -175,7 +242,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
     if cfg.schedule == "constant":
         return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; use 'cosine', 'step', 'onecycle' or 'constant'")
+    raise ConfigError(f"unknown schedule {cfg.schedule!r}; use 'cosine', 'step', 'onecycle' or 'constant'")
 
 
 # --- resumable state: module + optimiser tensors in safetensors, the rest as JSON metadata ---
@@ -193,13 +260,14 @@ def _save_state(path: Path, module: nn.Module, optimizer, scheduler, result: Fit
                 scalars[f"{idx}.{key}"] = value
     sched = scheduler.state_dict()
     meta = {"param_groups": opt["param_groups"], "optim_scalars": scalars, "scheduler": sched,
-            "history": result.history, "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
+            "history": result.history, "best_score": result.best_score, "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early}
     save_tensors(path, tensors, meta)
 
 
 def _resume(path: Path, module: nn.Module, optimizer, scheduler) -> FitResult:
-    tensors, meta = load_tensors(path)
+    device = next(module.parameters(), torch.empty(0)).device
+    tensors, meta = load_tensors(path, device=device)
     module.load_state_dict({k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -212,4 +280,5 @@ def _resume(path: Path, module: nn.Module, optimizer, scheduler) -> FitResult:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     log.info("resumed from %s after epoch %d", path, len(meta["history"]))
-    return FitResult(meta["history"], meta["best_val_acc"], meta["best_epoch"], meta["stopped_early"])
+    best = meta.get("best_score", meta.get("best_val_acc", -1.0))  # best_val_acc: checkpoints of distil 0.1
+    return FitResult(meta["history"], best, meta["best_epoch"], meta["stopped_early"])

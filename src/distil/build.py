@@ -1,0 +1,88 @@
+"""Builders: a validated recipe -> the objects it names (loss terms, augmentation), and the checks of the
+names a recipe refers to (sources, models, losses, run models) that the schema alone cannot make.
+
+    recipe = load_recipe("recipes/digits.yaml")      # schema + references
+    terms = build_terms(recipe.distill.terms)         # -> [KD(T=4.0, weight=0.9), CE(weight=0.1), FitNet(...)]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from distil.binding import bind_kwargs
+from distil.data import SOURCES
+from distil.errors import ConfigError, RecipeError, did_you_mean
+from distil.losses import LOSSES
+from distil.models import MODELS, resolve_factory
+from distil.recipe import ModelSection, Recipe, parse_recipe
+
+
+def load_recipe(source: str | Path | dict, where: str = "recipe") -> Recipe:
+    """Read a YAML file (or a dict from `where`), validate every section, and check the names it refers to."""
+    recipe = parse_recipe(source, where)
+    check_references(recipe)
+    return recipe
+
+
+def check_references(recipe: Recipe) -> None:
+    """Check what the schema cannot: source, model, loss and augmentation names and their options."""
+    if recipe.data.source not in SOURCES:
+        raise RecipeError(f"data.source: unknown source '{recipe.data.source}'." + did_you_mean(recipe.data.source, SOURCES))
+    bind_kwargs(SOURCES[recipe.data.source], recipe.data.args, "data.args")
+    for role in ("teacher", "student"):
+        section: ModelSection = getattr(recipe, role)
+        if section.model in MODELS:
+            bind_kwargs(resolve_factory(section.model), section.knobs(), f"{role} (model '{section.model}')")
+    names = ["teacher", "baseline", "student"]
+    if recipe.compress.enabled:
+        names += [f"{recipe.compress.source}-pruned", f"{recipe.compress.source}-pruned-labels"]
+    for name in recipe.export.quantize if recipe.export.enabled else []:
+        if name not in names:
+            raise RecipeError(f"export.quantize: this run has no model '{name}' (it has {names})."
+                              + did_you_mean(name, names))
+    if recipe.export.enabled and recipe.export.quantize and recipe.export.quantization != "dynamic" \
+            and recipe.export.calibration_samples == 0:
+        raise RecipeError("export.calibration_samples is 0: static quantization needs a calibration set. "
+                          "Set it to e.g. 512, or export.quantization: dynamic.")
+    build_terms(recipe.distill.terms)
+    build_augment(recipe.data.augment)
+
+
+def build_terms(specs: list[dict[str, Any]]) -> list:
+    """Recipe terms -> loss modules, e.g. {kind: kd, weight: 0.9, T: 4} -> KD(T=4.0, weight=0.9)."""
+    terms = []
+    for i, spec in enumerate(specs):
+        kind = spec.get("kind")
+        if kind not in LOSSES:
+            raise RecipeError(f"distill.terms[{i}].kind: unknown loss '{kind}'." + did_you_mean(str(kind), LOSSES))
+        cls, where = LOSSES[kind], f"distill.terms[{i}] ({kind})"
+        try:
+            terms.append(cls(**bind_kwargs(cls, {k: v for k, v in spec.items() if k != "kind"}, where)))
+        except RecipeError:
+            raise
+        except ConfigError as err:
+            raise RecipeError(f"{where}: {err}") from None
+    names = [t.name for t in terms]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise RecipeError(f"distill.terms[{i}] ({specs[i]['kind']}) repeats the term '{name}' of "
+                              f"distill.terms[{names.index(name)}]: each term is logged and summed by its name. "
+                              "Merge them (add the weights) or make them read different teachers or layers.")
+    return terms
+
+
+def build_augment(specs: list[dict[str, Any]]):
+    """`data.augment` -> (train-time `Augment` of the random ops, normalisation (mean, std) or None)."""
+    from distil.augment import build_augment as build
+
+    random_ops = [s for s in specs if s.get("kind") != "normalize"]
+    normalize = [s for s in specs if s.get("kind") == "normalize"]
+    if len(normalize) > 1:
+        raise RecipeError("data.augment: give at most one normalize entry")
+    augment = build(random_ops)
+    stats = None
+    if normalize:
+        op = build(normalize).ops[0]
+        stats = (list(op.mean.flatten().tolist()), list(op.std.flatten().tolist()))
+    return augment, stats
