@@ -81,7 +81,10 @@ def _pipeline(recipe: Path | None, run_dir: Path | None, overrides: list[str], f
         if not ran:
             console.print("every stage's output exists already; nothing to do (use --force to start over)")
         if (target / "metrics.json").exists():
-            _print_table(load_metrics(target)["models"])
+            metrics = load_metrics(target)
+            _print_table(metrics["models"])
+            for warning in metrics.get("warnings", []):
+                console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
             console.print(f"report: {target / 'report.md'} (and report.html)")
         console.print(f"wrote: {target}")
     except DistilError as err:

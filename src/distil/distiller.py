@@ -8,6 +8,8 @@ its unique name and `loss == sum(parts.values())`. The task owns its validation 
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,9 +60,9 @@ def check_class_targets(targets: torch.Tensor, num_classes: int, allow_unlabeled
     if bool(bad.any()):
         value, where = int(targets[bad][0]), int(bad.nonzero()[0, 0])
         unlabeled = " or -1 (unlabeled)" if allow_unlabeled else ""
+        fix = f"build the model with num_classes={value + 1}" if value >= num_classes else "map them to 0..K-1"
         raise DataError(f"label {value} (sample {where}) is outside the model's {num_classes} classes: labels must "
-                        f"be 0..{num_classes - 1}{unlabeled}. Check the labels, or build the model with "
-                        f"num_classes={value + 1 if value >= num_classes else num_classes}.")
+                        f"be 0..{num_classes - 1}{unlabeled}. Check the labels, or {fix}.")
 
 
 class ClassificationTask:
@@ -80,8 +82,8 @@ class ClassificationTask:
         self.check_targets(batch.targets)
 
     def check_targets(self, targets: torch.Tensor) -> None:
-        if self.num_classes is not None:
-            check_class_targets(targets, self.num_classes, allow_unlabeled=False)
+        if self.num_classes is not None:  # -1 marks an unlabeled sample: it adds nothing to the loss
+            check_class_targets(targets, self.num_classes, allow_unlabeled=True)
 
     def forward(self, batch: Batch, progress: Progress | None = None) -> StepOutput:
         logits = self.model(batch.inputs)
@@ -223,7 +225,7 @@ class Distiller(nn.Module):
         """One step; a teacher's cached logits in `batch.teacher_logits` replace its forward pass."""
         views = self._views(batch, progress)
         parts = {term.name: term.weight * term(views) for term in self.terms}
-        loss = torch.stack(list(parts.values())).sum()
+        loss = functools.reduce(operator.add, parts.values())
         return StepOutput(loss, parts, views.student.logits)
 
     def score(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -125,8 +125,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
     """
     student_log_p = F.log_softmax(student_logits / T, dim=1)
     teacher_log_p = F.log_softmax(teacher_logits / T, dim=1)
-    kl = F.kl_div(student_log_p, teacher_log_p, reduction="batchmean", log_target=True)
-    return kl * T * T
+    kl_sum = F.kl_div(student_log_p, teacher_log_p, reduction="sum", log_target=True)
+    return kl_sum * (T * T / student_logits.shape[0])  # one multiply: batch mean and T^2 together
 
 
 def fitnet_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:

@@ -63,17 +63,35 @@ def markdown_table(models: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def report_warnings(models: dict[str, dict]) -> list[str]:
+    """What a reader must not miss: distillation that did not pay, int8 files that grew."""
+    found = []
+    student, baseline = models.get("student"), models.get("baseline")
+    if student and baseline and student["accuracy"] < baseline["accuracy"]:
+        found.append(f"the distilled student ({student['accuracy']:.3f}) is less accurate than the same student "
+                     f"trained on labels alone ({baseline['accuracy']:.3f}): distillation did not pay here. Try "
+                     "another temperature or alpha, a transfer set, a better teacher, or ship the baseline.")
+    for name, row in models.items():
+        fp32 = models.get(name.removesuffix("-int8"), {}).get("onnx_bytes") if name.endswith("-int8") else None
+        if fp32 and row.get("bytes", 0) > fp32:
+            found.append(f"{name} ({row['bytes']:,} bytes) is larger than its fp32 ONNX file ({fp32:,} bytes): "
+                         "on a model this small the quantize/dequantize nodes and scales outweigh the 4x smaller "
+                         "weights. Ship the fp32 file.")
+    return found
+
+
 def write_report(run_dir: Path, models: dict[str, dict], history: list[dict], notes: list[str],
                  title: str) -> Path:
     """Write metrics.json, plots/*.png, report.md and report.html into `run_dir`; return report.md's path."""
     run_dir = Path(run_dir)
     plots = {"training": plot_training(history, run_dir / "plots" / "training.png"),
              "tradeoff": plot_tradeoff(models, run_dir / "plots" / "tradeoff.png")}
-    payload = json.dumps({"models": models, "notes": notes}, indent=2)
+    warnings = report_warnings(models)
+    payload = json.dumps({"models": models, "notes": notes, "warnings": warnings}, indent=2)
     atomic_write(run_dir / "metrics.json", lambda tmp: tmp.write_text(payload))
-    md = _markdown(models, notes, title)
+    md = _markdown(models, notes, title, warnings)
     atomic_write(run_dir / "report.md", lambda tmp: tmp.write_text(md))
-    page = _html(models, notes, title, plots)
+    page = _html(models, notes, title, plots, warnings)
     atomic_write(run_dir / "report.html", lambda tmp: tmp.write_text(page))
     return run_dir / "report.md"
 
@@ -83,8 +101,9 @@ LEGEND = ("file: the deployable file (ONNX where exported, else safetensors); gz
           "ORT speed-up: ORT b256 throughput against the teacher's; size ratio: file bytes against the teacher's.")
 
 
-def _markdown(models: dict, notes: list[str], title: str) -> str:
-    parts = [f"# {title}", "", markdown_table(models), "", LEGEND, ""]
+def _markdown(models: dict, notes: list[str], title: str, warnings: list[str]) -> str:
+    parts = [f"# {title}", ""] + [f"> **Warning:** {w}\n" for w in warnings] + ["", markdown_table(models), "",
+                                                                                LEGEND, ""]
     parts += [f"- {note}" for note in notes] + [""]
     parts += ["## Accuracy against latency and size", "",
               "Filled markers joined by the line are the Pareto front: no other model is both more accurate "
@@ -93,7 +112,7 @@ def _markdown(models: dict, notes: list[str], title: str) -> str:
     return "\n".join(parts)
 
 
-def _html(models: dict, notes: list[str], title: str, plots: dict[str, Path]) -> str:
+def _html(models: dict, notes: list[str], title: str, plots: dict[str, Path], warnings: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in table_rows(models))
     images = "".join(
@@ -107,6 +126,7 @@ def _html(models: dict, notes: list[str], title: str, plots: dict[str, Path]) ->
              "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
+            + "".join(f"<p style='color:#a00'><b>Warning:</b> {html.escape(w)}</p>" for w in warnings) +
             f"<table><tr>{head}</tr>{body}</table><p>{html.escape(LEGEND)}</p><ul>{items}</ul>{images}"
             "</body></html>")
 

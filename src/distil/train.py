@@ -135,7 +135,7 @@ def _train_epoch(task: Task, batches: Batches, optimizer, scheduler, env: _Env, 
     module.train()
     torch.manual_seed(env.seed * 1000 + progress.epoch)  # dropout etc.: same stream whether resumed or not
     views = torch.Generator().manual_seed(env.seed * 1000 + progress.epoch + 1)  # augmentation, resumable too
-    sums: dict[str, torch.Tensor] = {}
+    parts: list[torch.Tensor] = []  # per step, the loss parts stacked (on the device; summed once per epoch)
     losses: list[torch.Tensor] = []  # on the device; read every CHECK_EVERY steps
     seen, start_time, steps = 0, time.perf_counter(), 0
     for step, batch in enumerate(batches.epoch(progress.epoch)):
@@ -145,16 +145,17 @@ def _train_epoch(task: Task, batches: Batches, optimizer, scheduler, env: _Env, 
         out = _step(task, batch, optimizer, env, Progress(progress.epoch, progress.step + step,
                                                           progress.steps_per_epoch, progress.epochs))
         scheduler.step()
-        for key, value in out.parts.items():
-            sums[key] = sums.get(key, 0.0) + value.detach().float()
+        parts.append(torch.stack([value.detach().float() for value in out.parts.values()]))
         losses.append(out.loss.detach())
         if len(losses) % CHECK_EVERY == 0:
-            _check_finite(losses, sums, progress.epoch, last)
+            _check_finite(losses, parts, out.parts, progress.epoch, last)
         seen, steps = seen + len(batch), steps + 1
-    _check_finite(losses, sums, progress.epoch, last)
+    names = list(out.parts) if steps else []
+    _check_finite(losses, parts, names, progress.epoch, last)
     seconds = time.perf_counter() - start_time
-    parts = {key: float(value) / max(1, steps) for key, value in sums.items()}
-    return {"loss": sum(parts.values()), "parts": parts, "lr": optimizer.param_groups[0]["lr"],
+    means = torch.stack(parts).mean(0).tolist() if parts else []
+    record = dict(zip(names, means))
+    return {"loss": sum(record.values()), "parts": record, "lr": optimizer.param_groups[0]["lr"],
             "samples_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
 
 
@@ -173,18 +174,20 @@ def _step(task: Task, batch: Batch, optimizer, env: _Env, progress: Progress):
     return out
 
 
-def _check_finite(losses: list[torch.Tensor], sums: dict[str, torch.Tensor], epoch: int, last: Path | None) -> None:
+def _check_finite(losses: list[torch.Tensor], parts: list[torch.Tensor], names, epoch: int,
+                  last: Path | None) -> None:
     """Read the losses of the epoch's steps so far (one wait for the device); raise at the first non-finite one."""
+    if not losses:
+        return
     stacked = torch.stack(losses)
     bad = ~torch.isfinite(stacked)
     if not bool(bad.any()):
         return
     step = int(bad.nonzero()[0, 0])
-    parts = ", ".join(f"{k}={float(v):.4g}" for k, v in sums.items())
+    values = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, parts[step].tolist()))
     kept = f" The last good checkpoint is kept at {last}." if last is not None and last.exists() else ""
     raise NonFiniteLossError(
-        f"the loss became {float(stacked[step])} at epoch {epoch + 1}, step {step + 1} (parts summed over the "
-        f"epoch so far: {parts}).{kept} "
+        f"the loss became {float(stacked[step])} at epoch {epoch + 1}, step {step + 1} ({values}).{kept} "
         "Lower the learning rate, check the inputs for NaN/inf, or lower the KD temperature.")
 
 

@@ -1,0 +1,196 @@
+"""Devices and precision: device names, bf16/fp16 autocast on the CPU, the loss scaler, checkpoints that load
+onto any device, a resumed bf16 run, and the non-finite check read every 50 steps."""
+
+import pytest
+import torch
+from torch import nn
+
+from distil import CE, KD, ClassificationTask, Distiller, TrainConfig, fit
+from distil.checkpoint import load_tensors, save_tensors
+from distil.data import Split
+from distil.device import check_precision, grad_scaler, resolve_device
+from distil.errors import ConfigError, NonFiniteLossError
+from distil.evaluate import accuracy
+
+
+def blobs(n: int = 240, seed: int = 0) -> Split:
+    """Three Gaussian blobs in 4-D: learnable in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    return Split(torch.eye(4)[y] * 2.0 + 0.7 * torch.randn(n, 4, generator=g), y)
+
+
+def mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+# --- device names -----------------------------------------------------------------------------
+
+
+def test_auto_is_the_cpu_without_an_accelerator():
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("an accelerator is present: auto picks it")
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("spec", ["cuda", "cuda:0"])
+def test_cuda_without_a_gpu_says_so(spec):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    with pytest.raises(ConfigError, match=rf"device '{spec}': no CUDA GPU is available.*Use device: auto or cpu"):
+        resolve_device(spec)
+
+
+@pytest.mark.parametrize("spec", ["tpu", "gpu", "xla"])
+def test_an_unknown_device_names_the_valid_choices(spec):
+    with pytest.raises(ConfigError, match=rf"device '{spec}'.*use auto, cpu, cuda, cuda:N or mps"):
+        resolve_device(spec)
+
+
+def test_an_unknown_precision_names_the_valid_choices():
+    with pytest.raises(ConfigError, match="precision 'fp8': use one of fp32, bf16, fp16"):
+        check_precision("fp8", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="precision 'half'"):
+        fit(ClassificationTask(mlp(0)), blobs(), None, TrainConfig(epochs=1), precision="half")
+
+
+def test_only_fp16_scales_the_loss():
+    cpu = torch.device("cpu")
+    assert grad_scaler(cpu, "fp16").is_enabled()
+    assert not grad_scaler(cpu, "bf16").is_enabled()
+    assert not grad_scaler(cpu, "fp32").is_enabled()
+
+
+# --- autocast on the CPU ----------------------------------------------------------------------
+
+
+def _fit_recording_dtypes(precision: str) -> tuple[nn.Module, set[torch.dtype]]:
+    """Fit on blobs in `precision`, recording the output dtype of the first Linear at each training forward."""
+    model = mlp(0)
+    dtypes: set[torch.dtype] = set()
+    handle = model[0].register_forward_hook(lambda m, i, out: dtypes.add(out.dtype) if m.training else None)
+    try:
+        fit(ClassificationTask(model), blobs(), blobs(60, seed=1), TrainConfig(epochs=5, batch_size=32, lr=0.02),
+            precision=precision, device="cpu")
+    finally:
+        handle.remove()
+    return model, dtypes
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16),
+                                             ("fp32", torch.float32)])
+def test_fit_trains_under_cpu_autocast_and_the_forward_runs_in_that_dtype(precision, dtype):
+    try:
+        model, dtypes = _fit_recording_dtypes(precision)
+    except RuntimeError as err:  # an older torch without CPU autocast (or loss scaling) for this dtype
+        pytest.skip(f"torch {torch.__version__} cannot run {precision} on the CPU: {err}")
+    assert dtypes == {dtype}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay fp32
+    assert accuracy(model, blobs(300, seed=2)) > 0.85
+
+
+def test_a_distiller_trains_under_bf16():
+    teacher = mlp(1)
+    fit(ClassificationTask(teacher), blobs(), None, TrainConfig(epochs=5, batch_size=32, lr=0.02))
+    student = mlp(0)
+    result = fit(Distiller(student, teacher, [KD(T=2, weight=0.8), CE(weight=0.2)]), blobs(), blobs(60, seed=1),
+                 TrainConfig(epochs=5, batch_size=32, lr=0.02), precision="bf16")
+    assert set(result.history[0]["parts"]) == {"kd", "ce"}
+    assert accuracy(student, blobs(300, seed=2)) > 0.85
+
+
+# --- checkpoints on any device ----------------------------------------------------------------
+
+
+def test_load_tensors_puts_them_on_the_device_asked_for(tmp_path):
+    save_tensors(tmp_path / "w.safetensors", {"a": torch.arange(3.0)}, {"epoch": 2})
+    tensors, meta = load_tensors(tmp_path / "w.safetensors", device="cpu")
+    assert tensors["a"].device.type == "cpu" and torch.equal(tensors["a"], torch.tensor([0.0, 1.0, 2.0]))
+    assert meta == {"epoch": 2}
+    tensors, _ = load_tensors(tmp_path / "w.safetensors", device=torch.device("cpu"))
+    assert tensors["a"].device.type == "cpu"
+
+
+def test_a_resumed_bf16_run_equals_the_uninterrupted_one(tmp_path):
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05, optimizer="sgd", schedule="cosine")
+    train, val = blobs(), blobs(60, seed=1)
+    full = mlp(0)
+    fit(ClassificationTask(full), train, val, cfg, precision="bf16", checkpoint_dir=tmp_path / "a")
+
+    def stop_after_two(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(ClassificationTask(mlp(0)), train, val, cfg, precision="bf16", checkpoint_dir=tmp_path / "b",
+            on_epoch=stop_after_two)
+    resumed = mlp(123)  # another init: everything must come from the checkpoint
+    result = fit(ClassificationTask(resumed), train, val, cfg, precision="bf16", checkpoint_dir=tmp_path / "b")
+    assert len(result.history) == 4
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.cuda
+def test_bf16_on_the_gpu_and_checkpoints_that_cross_devices(tmp_path):
+    model = mlp(0)
+    fit(ClassificationTask(model), blobs(), blobs(60, seed=1), TrainConfig(epochs=2, batch_size=32, lr=0.02),
+        name="g", device="cuda", precision="bf16", checkpoint_dir=tmp_path)
+    assert next(model.parameters()).device.type == "cuda"
+    tensors, meta = load_tensors(tmp_path / "g-last.safetensors", device="cpu")  # written on the GPU
+    assert len(meta["history"]) == 2
+    assert all(t.device.type == "cpu" for t in tensors.values())
+    weights = {k: v.cpu() for k, v in model.state_dict().items()}
+    save_tensors(tmp_path / "cpu.safetensors", weights)  # written from the CPU
+    on_gpu, _ = load_tensors(tmp_path / "cpu.safetensors", device="cuda")
+    assert all(t.device.type == "cuda" for t in on_gpu.values())
+    assert all(torch.equal(on_gpu[k].cpu(), v) for k, v in weights.items())
+
+
+# --- the non-finite check, read every 50 steps ------------------------------------------------
+
+
+class NaNAfter:
+    """A task whose loss turns NaN after `n` forward passes; counts them."""
+
+    def __init__(self, model: nn.Module, n: int) -> None:
+        self.inner, self.n, self.calls = ClassificationTask(model), n, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def forward(self, batch, progress=None):
+        out = self.inner.forward(batch, progress)
+        self.calls += 1
+        if self.calls > self.n:
+            out = type(out)(out.loss * float("nan"), {"ce": out.loss * float("nan")}, out.outputs)
+        return out
+
+
+# 240 samples in batches of 2: 120 steps per epoch; the flag is read after steps 50 and 100 and at the epoch's end
+@pytest.mark.parametrize("good,step,calls", [
+    (120 + 74, 75, 120 + 100),  # bad from epoch 2 step 75: seen at the read after step 100
+    (120 + 49, 50, 120 + 50),  # bad exactly at a read point
+    (120 + 100, 101, 120 + 120),  # after the last periodic read: seen at the end of the epoch
+])
+def test_a_nan_mid_epoch_names_its_first_bad_step_not_the_read_point(tmp_path, good, step, calls):
+    task = NaNAfter(mlp(0), good)
+    cfg = TrainConfig(epochs=3, batch_size=2, lr=0.01)
+    with pytest.raises(NonFiniteLossError, match=rf"loss became nan at epoch 2, step {step} \(.*ce=nan.*"
+                                                 r"last good checkpoint is kept at .*t-last\.safetensors"):
+        fit(task, blobs(), None, cfg, name="t", checkpoint_dir=tmp_path)
+    assert task.calls == calls  # no step waited on the device: training ran on up to the read
+    tensors, meta = load_tensors(tmp_path / "t-last.safetensors")
+    assert [r["epoch"] for r in meta["history"]] == [1]
+    assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("module."))
+
+
+def test_a_nan_in_the_first_epoch_keeps_no_checkpoint(tmp_path):
+    task = NaNAfter(mlp(0), 60)
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 1, step 61 \(.*ce=nan") as err:
+        fit(task, blobs(), None, TrainConfig(epochs=2, batch_size=2, lr=0.01), name="t", checkpoint_dir=tmp_path)
+    assert "checkpoint" not in str(err.value)
+    assert task.calls == 100 and not (tmp_path / "t-last.safetensors").exists()
