@@ -174,3 +174,34 @@ def test_compress_and_export_end_to_end(tmp_path, tiny_recipe):
     assert all(v.get("max_abs_logit_diff", 0) <= 1e-4 for v in exported.values())
     bench = runner.invoke(app, ["bench", str(run_dir / "teacher-pruned.safetensors")])
     assert bench.exit_code == 0 and "onnxruntime" in bench.output and "pytorch" in bench.output
+
+
+# --- defects found trying it as a new user would: each is one message, exit 2, no traceback ---
+
+
+@pytest.mark.parametrize("override,match", [
+    ("distill.terms=[]", "'distill.terms': List should have at least 1 item"),
+    ("distill.terms=[{kind: kd, weight: -1}]", "distill.terms[0] (kd): kd: weight must be a finite number >= 0"),
+    ("student.train.lr=.inf", "'student.train.lr': Input should be a finite number"),
+    ("distill.terms=[{kind: kd}, {kind: kd, T: 2}]", "distill.terms[1] (kd) repeats the term 'kd'"),
+    ("precision=fp8", "'precision': Input should be 'fp32', 'bf16' or 'fp16'"),
+    ("data.augment=[{kind: flip}]", "unknown augmentation 'flip'. Did you mean 'hflip'?"),
+])
+def test_bad_recipe_values_exit_2_naming_the_field(tmp_path, tiny_recipe, override, match):
+    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r"), "--set", override],
+                  match)
+    assert not (tmp_path / "r").exists()  # nothing was written
+
+
+def test_csv_with_a_missing_cell_exits_2_naming_file_line_and_column(tmp_path, tiny_recipe):
+    (tmp_path / "t.csv").write_text("a,b,label\n1,2,x\n3,,y\n5,6,x\n")
+    tiny_recipe["data"] = {"source": "csv", "args": {"path": str(tmp_path / "t.csv")}}
+    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")],
+                  "t.csv, line 3, column 'b': the value '' is not a finite number")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_device_that_is_not_there_exits_2_before_training(tmp_path, tiny_recipe):
+    out = fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r"), "--device",
+                         "cuda"], "device 'cuda': no CUDA GPU is available")
+    assert "teacher" not in out.split("error:")[0].split("run folder")[-1]  # no stage started

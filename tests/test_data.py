@@ -115,3 +115,20 @@ def test_one_hot_labels_are_refused_with_a_hint(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((6, 3)), y=np.eye(3)[[0, 1, 2, 0, 1, 2]])
     with pytest.raises(DataError, match=r"one class label per sample.*y.argmax\(1\)"):
         load_splits("npz", {"path": str(tmp_path / "d.npz")})
+
+
+def test_a_split_with_more_samples_than_labels_is_refused():
+    from distil.data import Split
+    from distil.errors import DataError
+
+    with pytest.raises(DataError, match="x has 100 samples but y has 90 labels"):
+        Split(torch.zeros(100, 4), torch.zeros(90, dtype=torch.long))
+
+
+@pytest.mark.parametrize("cell", ["", "nan", "inf", "n/a"])
+def test_a_csv_cell_that_is_not_a_finite_number_is_named_at_load_time(tmp_path, cell):
+    from distil.errors import DataError
+
+    (tmp_path / "t.csv").write_text(f"a,label,b\n1,x,2\n3,y,4\n5,x,{cell}\n")
+    with pytest.raises(DataError, match=rf"t.csv, line 4, column 'b': the value '{cell}' is not a finite number"):
+        load_splits("csv", {"path": str(tmp_path / "t.csv")}, seed=0)

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from distil.errors import DistilError, RecipeError
 from distil.build import build_terms, load_recipe
@@ -97,3 +98,40 @@ def test_recipe_model_defaults():
     recipe = Recipe()
     assert recipe.teacher.model == "cnn1d" and recipe.student.model == "mlp"
     assert recipe.distill.terms[0] == {"kind": "kd", "weight": 0.9, "T": 4.0}
+
+
+def test_an_empty_term_list_says_to_give_one():
+    with pytest.raises(RecipeError, match=r"distill.terms.*at least 1 item.*\{kind: kd, T: 4, weight: 0.9\}"):
+        load_recipe({"distill": {"terms": []}})
+
+
+@pytest.mark.parametrize("weight", [-1, -0.1])
+def test_a_negative_term_weight_is_refused(weight):
+    with pytest.raises(RecipeError, match=r"distill.terms\[1\] \(ce\): ce: weight must be a finite number >= 0"):
+        load_recipe({"distill": {"terms": [{"kind": "kd"}, {"kind": "ce", "weight": weight}]}})
+
+
+@pytest.mark.parametrize("field,value", [("lr", float("inf")), ("lr", float("nan")), ("weight_decay", float("inf"))])
+def test_non_finite_numbers_are_refused_where_they_are_written(field, value):
+    with pytest.raises(RecipeError, match=rf"'teacher.train.{field}': Input should be a finite number"):
+        load_recipe({"teacher": {"model": "cnn1d", "train": {field: value}}})
+    with pytest.raises(RecipeError, match=r"'T': Input should be a finite number"):
+        load_recipe({"distill": {"terms": [{"kind": "kd", "T": float("inf")}]}})
+
+
+def test_multistep_schedule_needs_milestones():
+    from distil.errors import ConfigError
+    from distil.recipe import TrainConfig
+    from distil.train import make_optimizer, make_scheduler
+
+    model = torch.nn.Linear(2, 2)
+    cfg = TrainConfig(schedule="multistep", epochs=4, lr=1.0, optimizer="sgd", milestones=[1, 3], gamma=0.5)
+    scheduler = make_scheduler(optimizer := make_optimizer(model, cfg), cfg, steps_per_epoch=2)
+    lrs = []
+    for _ in range(8):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == [1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25]  # x0.5 after epochs 1 and 3 (2 steps each)
+    with pytest.raises(ConfigError, match="needs milestones"):
+        make_scheduler(optimizer, cfg.model_copy(update={"milestones": []}), 2)

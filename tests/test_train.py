@@ -116,3 +116,22 @@ def test_distillation_trains_the_student_only_and_learns_from_unlabeled_samples(
         TrainConfig(epochs=8, batch_size=32, lr=0.02))
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert accuracy(student, blobs(300, seed=2)) > 0.85
+
+
+@pytest.mark.parametrize("bad", [3, 7, -2])
+def test_a_label_outside_the_class_range_is_a_clear_error_before_training(bad):
+    data = blobs()
+    y = data.y.clone()
+    y[17] = bad
+    with pytest.raises(DataError, match=rf"label {bad} \(sample 17\) is outside the model's 3 classes"):
+        fit(ClassificationTask(mlp(0)), Split(data.x, y), None, TrainConfig(epochs=1, batch_size=32))
+
+
+def test_a_label_outside_the_class_range_in_a_dataset_is_a_clear_error():
+    from torch.utils.data import TensorDataset
+
+    data = blobs()
+    y = data.y.clone()
+    y[200:] = 5  # not in the first batch: found by the step, not by the dry run
+    with pytest.raises(DataError, match=r"batch.s labels: Target 5 is out of bounds. Labels must be 0..K-1"):
+        fit(ClassificationTask(mlp(0)), TensorDataset(data.x, y), None, TrainConfig(epochs=1, batch_size=32))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distil.errors import DataError, RecipeError, did_you_mean
+from distil.errors import ConfigError, DataError, RecipeError, did_you_mean
 
 try:
     from distil.binding import bind_kwargs
@@ -182,7 +182,7 @@ class Augment:
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         if generator.device.type != "cpu":
-            raise ValueError(f"Augment: the generator must live on the CPU, got {generator.device}. "
+            raise ConfigError(f"Augment: the generator must live on the CPU, got {generator.device}. "
                              "Pass torch.Generator() (parameters are drawn on the CPU, then moved).")
         for op in self.ops:
             images = op(images, generator)

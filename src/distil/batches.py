@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, Sampler
 
 from distil.errors import DataError
 
@@ -132,13 +132,17 @@ class Batches:
         if isinstance(data, DataLoader):
             self.loader = data
         elif not isinstance(data, Split):
-            if not isinstance(data, Dataset) or not hasattr(data, "__len__"):
+            if not isinstance(data, Dataset) or isinstance(data, IterableDataset) or not hasattr(data, "__len__"):
                 raise DataError(f"training data must be a distil Split, a map-style torch Dataset (with __len__ and "
-                                f"__getitem__) or a DataLoader, got a {type(data).__name__}")
+                                f"__getitem__) or a DataLoader, got a {type(data).__name__}. Wrap an IterableDataset "
+                                "in your own DataLoader.")
             sampler = EpochSampler(len(data), seed) if shuffle else None
             self.loader = DataLoader(_Indexed(data), batch_sampler=BatchSampler(
                 sampler or range(len(data)), batch_size, drop_last), num_workers=workers,
-                pin_memory=pin_memory, persistent_workers=workers > 0)
+                pin_memory=pin_memory, persistent_workers=workers > 0,
+                # the loader's seed for its workers comes from here, not from the global RNG, so dropout
+                # draws the same masks as on the in-memory path
+                generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
         """Batches per epoch."""

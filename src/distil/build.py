@@ -84,5 +84,5 @@ def build_augment(specs: list[dict[str, Any]]):
     stats = None
     if normalize:
         op = build(normalize).ops[0]
-        stats = (list(op.mean.flatten().tolist()), list(op.std.flatten().tolist()))
+        stats = ([float(v) for v in op.mean], [float(v) for v in op.std])
     return augment, stats

@@ -227,20 +227,28 @@ def _read_csv(path: str, label: str | None) -> tuple[np.ndarray, np.ndarray, lis
         raise DataError(f"{path} has no column '{label}' (columns: {header}). Set data.args.label.")
     col = col_index(header, label)
     features = [[v for i, v in enumerate(r) if i != col] for r in body]
+    names = [h for i, h in enumerate(header) if i != col_index(header, label)]
     try:
         x = np.array(features, dtype=np.float32)
-    except ValueError as err:
-        raise DataError(f"{path}: feature columns must be numeric ({err})") from err
-    if not np.isfinite(x).all():
-        row, col = np.argwhere(~np.isfinite(x))[0]
-        names = [h for i, h in enumerate(header) if i != col_index(header, label)]
-        raise DataError(f"{path}, line {row + 2} (data row {row + 1}), column '{names[col]}': the value "
-                        f"'{features[row][col]}' is not a finite number. Fill or drop missing values before training.")
+        bad = np.argwhere(~np.isfinite(x))
+    except ValueError:  # a cell that is not a number at all: find the first one
+        bad = [(r, c) for r, row in enumerate(features) for c, v in enumerate(row) if not _is_number(v)][:1]
+    if len(bad):
+        row, col = bad[0]
+        raise DataError(f"{path}, line {row + 2}, column '{names[col]}': the value {features[row][col]!r} is not a "
+                        "finite number. Every feature cell must be a number: fill or drop missing values first.")
     if col is None:
         return x, np.zeros(0), []
     names = sorted({r[col] for r in body})
     y = np.array([names.index(r[col]) for r in body])
     return x, y, names
+
+
+def _is_number(value: str) -> bool:
+    try:
+        return np.isfinite(float(value))
+    except ValueError:
+        return False
 
 
 def col_index(header: list[str], label: str | None) -> int | None:

@@ -243,6 +243,9 @@ def _check_participants(student: nn.Module, teachers: dict[str, nn.Module], term
     if not terms:
         raise ConfigError("Distiller needs at least one loss term, e.g. [KD(T=4, weight=0.9), CE(weight=0.1)]")
     for i, term in enumerate(terms):
+        if isinstance(term, Term) and not isinstance(term, nn.Module):
+            raise ConfigError(f"term {i} ({type(term).__name__}) must be an nn.Module (subclass torch.nn.Module), so "
+                              "that its connectors train, move to the device and save with the student.")
         if not isinstance(term, Term):
             raise ConfigError(f"term {i} ({type(term).__name__}) is not a loss term: it needs `name`, `weight`, "
                               "`reads()`, `build(views)` and `__call__(views)` (see distil.losses.Term).")

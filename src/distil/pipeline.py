@@ -17,6 +17,7 @@ import yaml
 
 from distil.checkpoint import atomic_write
 from distil.data import load_splits
+from distil.device import check_precision, resolve_device
 from distil.errors import DistilError
 from distil.build import build_augment
 from distil.recipe import Recipe, dump_recipe
@@ -84,6 +85,7 @@ def _remove_stage_outputs(run_dir: Path, stage: str, recipes: list[Recipe]) -> N
 def open_run(recipe: Recipe, run_dir: Path, force: bool = False, on_epoch=None, on_stage=None,
              only: str | None = None) -> Run:
     """Load the data and check the models first: a recipe that cannot run never touches the folder."""
+    check_precision(recipe.precision, resolve_device(recipe.device))  # before any data is read
     augment, normalize = build_augment(recipe.data.augment)
     splits = load_splits(recipe.data.source, recipe.data.args, recipe.seed, recipe.data.val_fraction,
                          recipe.data.test_fraction, normalize)

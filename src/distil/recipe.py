@@ -33,8 +33,10 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
-    step_size: int = Field(30, ge=1)
+    nesterov: bool = True  # SGD only
+    schedule: Literal["cosine", "step", "multistep", "onecycle", "constant"] = "cosine"
+    step_size: int = Field(30, ge=1)  # epochs between decays, "step" only
+    milestones: list[int] = Field(default_factory=list)  # epochs at which lr *= gamma, "multistep" only
     gamma: float = Field(0.1, gt=0)
     patience: int | None = Field(None, ge=1)
     workers: int = Field(0, ge=0)  # DataLoader worker processes for Dataset sources (in-memory data needs none)
@@ -174,6 +176,9 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
+HINTS = {"distill.terms": ". Give at least one loss term, e.g. [{kind: kd, T: 4, weight: 0.9}, {kind: ce, weight: 0.1}]"}
+
+
 def _explain(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -182,7 +187,7 @@ def _explain(err: ValidationError) -> str:
             allowed = _fields_at(Recipe, e["loc"][:-1])
             lines.append(f"unknown key '{loc}'." + did_you_mean(str(e["loc"][-1]), allowed))
         else:
-            lines.append(f"'{loc}': {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"'{loc}': {e['msg']} (got {e.get('input')!r})" + HINTS.get(loc, ""))
     return " ".join(lines)
 
 

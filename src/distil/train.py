@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
 
 from distil.batches import Batch, Batches, Progress
 from distil.checkpoint import load_tensors, save_tensors
@@ -65,13 +66,13 @@ def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: in
     teachers see the same view. With `checkpoint_dir`, `<name>-last.safetensors` (full state) and
     `<name>-best.safetensors` are written each epoch, and a rerun resumes from the last one.
     """
-    if len(train) == 0:
-        raise DataError(f"the training split of stage '{name}' is empty: check the data source")
     where = resolve_device(device)
     check_precision(precision, where)
     env = _Env(where, precision, grad_scaler(where, precision), augment, seed)
     torch.manual_seed(seed)
     batches = _batches(train, cfg, env, shuffle=True)
+    if len(batches) == 0:
+        raise DataError(f"the training split of stage '{name}' is empty: check the data source")
     module = _prepare(task, batches, train, env, compile)
     optimizer = make_optimizer(module, cfg)
     scheduler = make_scheduler(optimizer, cfg, max(1, len(batches)))
@@ -105,7 +106,11 @@ def _batches(data, cfg: TrainConfig, env: _Env, shuffle: bool) -> Batches:
     In-memory data moves to the device once, so batches are taken there."""
     if isinstance(data, Split) and env.device.type != "cpu":
         data = data.to(env.device)
-    size = min(cfg.batch_size, len(data)) if shuffle else max(cfg.batch_size, 1024 if isinstance(data, Split) else 0)
+    if isinstance(data, DataLoader):
+        return Batches(data, cfg.batch_size)
+    if not isinstance(data, Split) and (isinstance(data, IterableDataset) or not hasattr(data, "__len__")):
+        return Batches(data, cfg.batch_size)  # raises the DataError that says what data fit takes
+    size = min(cfg.batch_size, max(1, len(data))) if shuffle else max(cfg.batch_size, 1024 if isinstance(data, Split) else 0)
     return Batches(data, size, shuffle=shuffle, seed=env.seed, drop_last=shuffle, workers=cfg.workers,
                    pin_memory=env.device.type == "cuda")
 
@@ -165,7 +170,7 @@ def _step(task: Task, batch: Batch, optimizer, env: _Env, progress: Progress):
         with autocast(env.device, env.precision):
             out = task.forward(batch, progress)
     except IndexError as err:  # a label out of range in data the loop could not check up front
-        raise DataError(f"a training step failed on the batch's labels or indices: {err}. Labels must be "
+        raise DataError(f"a training step failed on the batch's labels: {str(err).rstrip('.')}. Labels must be "
                         "0..K-1 for a model with K outputs (or -1 for unlabeled samples).") from err
     optimizer.zero_grad(set_to_none=True)
     env.scaler.scale(out.loss).backward()
@@ -228,7 +233,8 @@ def _emit(record: dict, log_path: Path | None, on_epoch: Callable[[dict], None] 
 def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in module.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use 'sgd' or 'adamw'")
@@ -241,11 +247,17 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     if cfg.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size * steps_per_epoch, cfg.gamma)
+    if cfg.schedule == "multistep":
+        if not cfg.milestones:
+            raise ConfigError("schedule 'multistep' needs milestones: the epochs at which lr is multiplied by gamma, "
+                              "e.g. milestones: [150, 180, 210]")
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, [m * steps_per_epoch for m in cfg.milestones],
+                                                    cfg.gamma)
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
     if cfg.schedule == "constant":
         return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    raise ConfigError(f"unknown schedule {cfg.schedule!r}; use 'cosine', 'step', 'onecycle' or 'constant'")
+    raise ConfigError(f"unknown schedule {cfg.schedule!r}; use 'cosine', 'step', 'multistep', 'onecycle' or 'constant'")
 
 
 # --- resumable state: module + optimiser tensors in safetensors, the rest as JSON metadata ---
