@@ -21,10 +21,11 @@ demo: install
 	$(VENV)/bin/distil run recipes/mnist1d.yaml
 
 test: install
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

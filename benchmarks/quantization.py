@@ -15,12 +15,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
+from distil.build import load_recipe
 from distil.data import load_splits
 from distil.evaluate import ort_speed
 from distil.export import quantize_onnx, run_onnx, session
-from distil.build import load_recipe
 
 
 def main() -> None:

@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distil.augment import (AUGMENTS, Augment, HorizontalFlip, Normalize, RandomCrop, RandomResizedCrop,
-                            build_augment)
+from distil.augment import AUGMENTS, Augment, HorizontalFlip, Normalize, RandomCrop, RandomResizedCrop, build_augment
 from distil.errors import DataError, RecipeError
 
 

@@ -102,8 +102,6 @@ def test_dropout_draws_the_same_masks_from_a_split_and_a_dataset():
     assert _max_diff(a, b) < 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason="src: iter() of a user's DataLoader without a generator draws its base seed "
-                   "from the global RNG after fit's per-epoch torch.manual_seed, so dropout masks differ from a Split's")
 def test_dropout_draws_the_same_masks_from_a_split_and_a_users_dataloader():
     cfg = TrainConfig(epochs=2, batch_size=16, lr=0.02)
     x, y = blobs()

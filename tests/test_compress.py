@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
+from distil.build import load_recipe
 from distil.compress.prune import channel_prune, check_ratio, magnitude_prune, make_permanent, structure_of
 from distil.errors import DistilError, ModelError, RecipeError
 from distil.evaluate import count_macs
 from distil.modelfile import load_model_file, save_model_file
 from distil.models import build_model, count_params
-from distil.build import load_recipe
 
 
 def small_mlp() -> nn.Module:

@@ -13,6 +13,12 @@ from distil.errors import ConfigError, NonFiniteLossError
 from distil.evaluate import accuracy
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest, and does not stall waiting for a core that another process holds."""
+    torch.set_num_threads(1)
+
+
 def blobs(n: int = 240, seed: int = 0) -> Split:
     """Three Gaussian blobs in 4-D: learnable in a few epochs."""
     g = torch.Generator().manual_seed(seed)

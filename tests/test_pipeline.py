@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from distil.pipeline import run_pipeline
 from distil.build import load_recipe
+from distil.pipeline import run_pipeline
 
 ROOT = Path(__file__).parent.parent
 
@@ -88,10 +88,9 @@ def test_readme_example_runs_as_written(tmp_path, monkeypatch):
 def test_a_teacher_given_as_a_checkpoint_is_loaded_not_trained(tmp_path, tiny_recipe):
     import torch
 
-    from distil.checkpoint import save_model
+    from distil.data import load_splits
     from distil.models import build_model
     from distil.stages import Run, stage_teacher
-    from distil.data import load_splits
 
     torch.manual_seed(5)
     given = build_model("cnn", (1, 8, 8), 10, width=8, depth=2)

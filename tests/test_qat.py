@@ -52,8 +52,8 @@ def test_fake_quantized_block_leaves_a_plain_model_with_trained_weights():
 @pytest.mark.slow
 def test_export_fine_tunes_with_fake_quantization_when_int8_loses_accuracy(tmp_path, tiny_recipe, monkeypatch):
     import distil.stages as stages
-    from distil.pipeline import run_pipeline
     from distil.build import load_recipe
+    from distil.pipeline import run_pipeline
 
     tiny_recipe["export"] = {"enabled": True, "quantize": ["student"], "qat_finetune": {"epochs": 1}}
     drops = iter([0.05, 0.0])  # int8 first loses 5 points of validation accuracy, after QAT none

@@ -3,10 +3,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distil.errors import DistilError, RecipeError
 from distil.build import build_terms, load_recipe
+from distil.errors import DistilError, RecipeError
+from distil.losses import CE, KD, FitNet
 from distil.recipe import Recipe, dump_recipe
-from distil.losses import KD, CE, FitNet
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 

@@ -158,7 +158,9 @@ class Batches:
         for sampler in (getattr(self.loader, "sampler", None), getattr(self.loader.batch_sampler, "sampler", None)):
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
-        for item in self.loader:
+        with torch.random.fork_rng(devices=[]):  # the loader draws its workers' seed from the global RNG: keep
+            iterator = iter(self.loader)  # that stream for dropout, as on the in-memory path
+        for item in iterator:
             yield to_batch(item)
 
     def _split_epoch(self, epoch: int) -> Iterator[Batch]:

@@ -64,8 +64,8 @@ SET = typer.Option([], "--set", help="Override a recipe field, e.g. --set studen
 
 def _pipeline(recipe: Path | None, run_dir: Path | None, overrides: list[str], force: bool = False,
               only: str | None = None) -> None:
-    from distil.pipeline import load_metrics, run_pipeline
     from distil.build import load_recipe
+    from distil.pipeline import load_metrics, run_pipeline
     from distil.recipe import apply_overrides, read_recipe
 
     try:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from distil.build import build_augment
 from distil.checkpoint import atomic_write
 from distil.data import load_splits
 from distil.device import check_precision, resolve_device
 from distil.errors import DistilError
-from distil.build import build_augment
 from distil.recipe import Recipe, dump_recipe
 from distil.stages import STAGES, Run
 

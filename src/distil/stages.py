@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from distil.build import build_augment, build_terms
+from distil.build import build_terms
 from distil.checkpoint import atomic_write, load_weights
 from distil.compress.prune import channel_prune, magnitude_prune, make_permanent, sparsity_of
 from distil.data import Data, Split, Splits, in_memory, take

@@ -1,0 +1,270 @@
+"""Several teachers by name: each KD term against a hand computation, teachers of different architectures,
+unique part names, errors that say how to fix, the teacher-logit cache, and teachers that stay frozen."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from distil import CE, KD, Batch, Distiller, FitNet, TrainConfig, fit
+from distil.batches import Batches
+from distil.build import load_recipe
+from distil.data import Split
+from distil.errors import ConfigError, ModelError, RecipeError
+
+# --- hand-written helpers (plain exp/log, float64) ------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest, and does not stall waiting for a core that another process holds."""
+    torch.set_num_threads(1)
+
+
+def hand_softmax(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """softmax(z / T) row by row, written out: exp(z_i / T) / sum_j exp(z_j / T)."""
+    e = torch.exp(logits.double() / T)
+    return e / e.sum(dim=1, keepdim=True)
+
+
+def hand_kd(student: torch.Tensor, teacher: torch.Tensor, T: float) -> float:
+    """T^2 * sum_k p_t (log p_t - log p_s), mean over the batch."""
+    p_s, p_t = hand_softmax(student, T), hand_softmax(teacher, T)
+    return float(T * T * (p_t * (torch.log(p_t) - torch.log(p_s))).sum() / student.shape[0])
+
+
+def hand_ce(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """-log softmax(z)[y], mean over the batch."""
+    p = hand_softmax(logits)
+    return float(-torch.log(p[torch.arange(len(targets)), targets]).mean())
+
+
+# --- tiny models and data ---------------------------------------------------------------------
+
+
+def mlp(seed: int, hidden: int = 16, classes: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+def blobs(n: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    return torch.eye(4)[y] * 2.0 + 0.7 * torch.randn(n, 4, generator=g), y
+
+
+def two_teachers(extra: list | None = None) -> Distiller:
+    """Student mlp(0); teacher 'big' mlp(1, 16 wide), teacher 'ta' mlp(2, 8 wide)."""
+    return Distiller(mlp(0), {"big": mlp(1), "ta": mlp(2, hidden=8)},
+                     [KD(T=4, weight=0.5, teacher="big"), KD(T=2, weight=0.3, teacher="ta"), CE(weight=0.2)]
+                     + (extra or []))
+
+
+# --- several teachers, by hand ----------------------------------------------------------------
+
+
+def test_two_teachers_give_each_part_and_the_total_as_computed_by_hand():
+    distiller = two_teachers()
+    x, y = blobs(6)
+    distiller.prepare(Batch(x, y))
+    out = distiller(Batch(x, y))
+    assert list(out.parts) == ["kd:big", "kd:ta", "ce"]
+    with torch.no_grad():
+        student, big, ta = (m(x) for m in (distiller.student, distiller.teachers["big"], distiller.teachers["ta"]))
+    kd_big, kd_ta, ce = hand_kd(student, big, T=4), hand_kd(student, ta, T=2), hand_ce(student, y)
+    assert out.parts["kd:big"].item() == pytest.approx(0.5 * kd_big, rel=1e-5)
+    assert out.parts["kd:ta"].item() == pytest.approx(0.3 * kd_ta, rel=1e-5)
+    assert out.parts["ce"].item() == pytest.approx(0.2 * ce, rel=1e-5)
+    assert out.loss.item() == pytest.approx(0.5 * kd_big + 0.3 * kd_ta + 0.2 * ce, rel=1e-5)
+    assert torch.equal(out.outputs, student)
+
+
+def test_gradients_reach_the_student_only():
+    distiller = two_teachers()
+    x, y = blobs(6)
+    distiller(Batch(x, y)).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.parameters())
+    for teacher in distiller.teachers.values():
+        assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+
+
+def test_fit_logs_every_teacher_part_and_leaves_the_teachers_unchanged(tmp_path):
+    distiller = two_teachers()
+    before = {name: copy.deepcopy(t.state_dict()) for name, t in distiller.teachers.items()}
+    x, y = blobs()
+    fit(distiller, Split(x, y), None, TrainConfig(epochs=2, batch_size=16, lr=0.02), log_path=tmp_path / "log.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [set(r["parts"]) for r in records] == [{"kd:big", "kd:ta", "ce"}] * 2
+    assert all(r["loss"] == pytest.approx(sum(r["parts"].values())) for r in records)
+    for name, teacher in distiller.teachers.items():
+        assert all(torch.equal(before[name][k], v) for k, v in teacher.state_dict().items()), name
+
+
+# --- teachers of different architectures -------------------------------------------------------
+
+
+def image_models(cnn_classes: int = 3) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Student and an MLP teacher on flattened (1, 8, 8) images, and a small CNN teacher."""
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))  # (B, 1, 8, 8) -> (B, 64) -> (B, 3)
+    mlp_teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+    cnn_teacher = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),  # (B, 4, 1, 1)
+                                nn.Flatten(), nn.Linear(4, cnn_classes))  # (B, 4) -> (B, K)
+    return student, mlp_teacher, cnn_teacher
+
+
+def images(n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(n) % 3
+
+
+def test_teachers_of_different_architectures_teach_one_student():
+    student, mlp_teacher, cnn_teacher = image_models()
+    terms = [KD(T=4, weight=0.4, teacher="mlp"), KD(T=4, weight=0.4, teacher="cnn"), CE(weight=0.2)]
+    x, y = images()
+    result = fit(Distiller(student, {"mlp": mlp_teacher, "cnn": cnn_teacher}, terms), Split(x, y), None,
+                 TrainConfig(epochs=2, batch_size=8))
+    assert set(result.history[-1]["parts"]) == {"kd:mlp", "kd:cnn", "ce"}
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+
+
+def test_a_teacher_with_another_class_count_is_named_at_prepare():
+    student, mlp_teacher, cnn_teacher = image_models(cnn_classes=4)
+    distiller = Distiller(student, {"mlp": mlp_teacher, "cnn": cnn_teacher},
+                          [KD(teacher="mlp"), KD(teacher="cnn"), CE()])
+    x, y = images(4)
+    with pytest.raises(ModelError, match="teacher 'cnn' gives 4 logits, student gives 3.*same num_classes"):
+        distiller.prepare(Batch(x, y))
+
+
+# --- unique part names and errors that say how to fix -----------------------------------------
+
+
+def test_two_kd_terms_without_names_share_a_part_name():
+    with pytest.raises(ConfigError, match=r"share the part name \['kd'\]"):
+        Distiller(mlp(0), mlp(1), [KD(T=4), KD(T=2), CE()])
+
+
+def test_two_kd_terms_reading_the_same_teacher_share_a_part_name():
+    with pytest.raises(ConfigError, match=r"share the part name \['kd:big'\].*Give them different teachers"):
+        Distiller(mlp(0), {"big": mlp(1), "ta": mlp(2)}, [KD(T=4, teacher="big"), KD(T=2, teacher="big")])
+
+
+def test_a_recipe_with_two_kd_terms_names_the_second(tiny_recipe):
+    tiny_recipe["distill"]["terms"] = [{"kind": "kd", "T": 4, "weight": 0.5}, {"kind": "kd", "T": 2, "weight": 0.4},
+                                       {"kind": "ce", "weight": 0.1}]
+    with pytest.raises(RecipeError, match=r"distill\.terms\[1\] \(kd\) repeats the term 'kd' of distill\.terms\[0\]"):
+        load_recipe(tiny_recipe)
+
+
+def test_an_unknown_teacher_name_suggests_the_nearest():
+    with pytest.raises(ConfigError, match="reads teacher 'bgi', which the Distiller does not have. Did you mean 'big'"):
+        Distiller(mlp(0), {"big": mlp(1), "ta": mlp(2)}, [KD(teacher="bgi")])
+
+
+def test_kd_without_a_teacher_name_among_two_teachers_says_to_pass_one():
+    with pytest.raises(ConfigError, match=r"there are 2 teachers \(\['big', 'ta'\]\): pass teacher='<name>'"):
+        Distiller(mlp(0), {"big": mlp(1), "ta": mlp(2)}, [KD(), CE()])
+
+
+@pytest.mark.parametrize("teachers", ["module", "dict"])
+def test_the_student_as_its_own_teacher_asks_for_a_copy(teachers):
+    student = mlp(0)
+    with pytest.raises(ConfigError, match=r"passed as its own teacher.*Pass a copy: copy\.deepcopy\(student\)"):
+        Distiller(student, student if teachers == "module" else {"big": mlp(1), "self": student}, [KD(), CE()])
+
+
+def test_no_terms_is_an_error_with_an_example():
+    with pytest.raises(ConfigError, match=r"at least one loss term, e\.g\. \[KD\(T=4"):
+        Distiller(mlp(0), mlp(1), [])
+
+
+def test_an_object_that_is_no_term_is_named_by_position_and_type():
+    with pytest.raises(ConfigError, match=r"term 1 \(Linear\) is not a loss term: it needs `name`, `weight`"):
+        Distiller(mlp(0), mlp(1), [KD(), nn.Linear(2, 2)])
+
+
+def test_a_teacher_named_student_is_refused():
+    with pytest.raises(ConfigError, match="'student' names the model being trained; give the teacher another name"):
+        Distiller(mlp(0), {"student": mlp(1)}, [KD(teacher="student")])
+
+
+def test_a_teacher_that_is_no_module_is_named():
+    with pytest.raises(ConfigError, match="teacher 'big' is a str, not an nn.Module"):
+        Distiller(mlp(0), {"big": "resnet8"}, [KD()])
+
+
+# --- the teacher-logit cache ------------------------------------------------------------------
+
+
+def test_cached_logits_are_each_teachers_and_give_the_live_loss():
+    distiller = two_teachers()
+    x, y = blobs(10)
+    cached = distiller.with_teacher_logits(Split(x, y), batch_size=4)  # chunks of 4, 4, 2
+    assert set(cached.teacher_logits) == {"big", "ta"}
+    with torch.no_grad():
+        for name, teacher in distiller.teachers.items():
+            assert torch.allclose(cached.teacher_logits[name], teacher(x), atol=1e-6), name
+    batch = next(Batches(cached, 10, shuffle=False).epoch(0))
+    live, from_cache = distiller(Batch(x, y)), distiller(batch)
+    assert from_cache.loss.item() == pytest.approx(live.loss.item(), rel=1e-6)
+    for name in live.parts:
+        assert from_cache.parts[name].item() == pytest.approx(live.parts[name].item(), rel=1e-6), name
+    with torch.no_grad():  # the cache replaces the forward pass: a changed teacher changes the live loss only
+        distiller.teachers["big"][0].weight.add_(1.0)
+    assert torch.equal(distiller(batch).parts["kd:big"], from_cache.parts["kd:big"])
+    assert not torch.allclose(distiller(Batch(x, y)).parts["kd:big"], live.parts["kd:big"])
+
+
+def test_a_teacher_whose_features_a_term_reads_stays_online():
+    distiller = two_teachers([FitNet(student="0", teacher="0", weight=1.0, teacher_name="ta")])
+    x, y = blobs(10)
+    distiller.prepare(Batch(x, y))  # builds the connector (B, 16) -> (B, 8)
+    cached = distiller.with_teacher_logits(Split(x, y))
+    assert set(cached.teacher_logits) == {"big"}
+    calls = {"big": 0, "ta": 0}
+    for name, teacher in distiller.teachers.items():
+        teacher.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1))
+    batch = next(Batches(cached, 10, shuffle=False).epoch(0))
+    from_cache = distiller(batch)
+    assert calls == {"big": 0, "ta": 1}
+    live = distiller(Batch(x, y))
+    assert calls == {"big": 1, "ta": 2}
+    assert from_cache.loss.item() == pytest.approx(live.loss.item(), rel=1e-6)
+    assert "fitnet:0->ta.0" in from_cache.parts
+
+
+# --- teachers stay frozen, move with the distiller --------------------------------------------
+
+
+def test_teachers_stay_frozen_in_eval_mode_and_outside_the_state_dict():
+    big, ta = mlp(1).train(), mlp(2).train()
+    distiller = Distiller(mlp(0), {"big": big, "ta": ta}, [KD(teacher="big"), KD(teacher="ta"), CE()])
+    for mode in (True, False, True):
+        distiller.train(mode)
+        assert distiller.student.training is mode
+        assert not big.training and not ta.training
+    assert not any(p.requires_grad for t in (big, ta) for p in t.parameters())
+    assert all(p.requires_grad for p in distiller.student.parameters())
+    assert all(k.startswith(("student.", "terms.")) for k in distiller.state_dict())
+    assert {p.data_ptr() for p in distiller.parameters()} == {p.data_ptr() for p in distiller.student.parameters()}
+
+
+def test_to_moves_and_casts_the_teachers_too():
+    distiller = two_teachers()
+    assert distiller.to("cpu") is distiller
+    distiller.to(torch.float64)
+    for model in (distiller.student, *distiller.teachers.values()):
+        assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in model.parameters())
+    x, y = blobs(4)
+    assert distiller(Batch(x.double(), y)).loss.dtype == torch.float64
+
+
+@pytest.mark.cuda
+def test_to_cuda_moves_the_teachers():
+    distiller = two_teachers().to("cuda")
+    for model in (distiller.student, *distiller.teachers.values()):
+        assert all(p.device.type == "cuda" for p in model.parameters())
+    x, y = blobs(4)
+    assert distiller(Batch(x, y).to(torch.device("cuda"))).loss.device.type == "cuda"
