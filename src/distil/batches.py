@@ -169,10 +169,9 @@ class Batches:
         order = epoch_order(n, self.seed, epoch) if self.shuffle else None
         for start in range(0, n - size + 1 if self.drop_last else n, size):
             idx = order[start:start + size] if order is not None else torch.arange(start, min(n, start + size))
-            idx = idx.to(split.x.device, non_blocking=True)
-            take = lambda t: t.index_select(0, idx)  # noqa: E731  (faster than t[idx] on the CPU)
-            cached = {name: take(logits) for name, logits in (split.teacher_logits or {}).items()}
-            yield Batch(take(split.x), take(split.y), idx, None, cached)
+            idx = idx.to(split.x.device, non_blocking=True)  # index_select: faster than t[idx] on the CPU
+            cached = {name: logits.index_select(0, idx) for name, logits in (split.teacher_logits or {}).items()}
+            yield Batch(split.x.index_select(0, idx), split.y.index_select(0, idx), idx, None, cached)
 
     def first(self, n: int) -> Batch:
         """Up to `n` samples from the start of the data, unshuffled (for a dry run)."""

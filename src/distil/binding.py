@@ -26,7 +26,8 @@ def bind_kwargs(fn, kwargs: dict[str, Any], where: str) -> dict[str, Any]:
         return dict(kwargs)
     fields = {n: (Any if p.annotation is p.empty else p.annotation, ... if p.default is p.empty else p.default)
               for n, p in params.items()}
-    model = create_model(f"{getattr(fn, '__name__', 'options')}_options", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields)
+    config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model = create_model(f"{getattr(fn, '__name__', 'options')}_options", __config__=config, **fields)
     try:
         validated = model.model_validate(kwargs)
     except ValidationError as err:
@@ -35,7 +36,8 @@ def bind_kwargs(fn, kwargs: dict[str, Any], where: str) -> dict[str, Any]:
             name = ".".join(str(p) for p in e["loc"])
             if e["type"] == "extra_forbidden":
                 allowed = f"allowed: {sorted(fields)}" if fields else "it takes no options"
-                problems.append(f"unknown option '{name}' ({allowed})." + (did_you_mean(name, fields) if fields else ""))
+                near = did_you_mean(name, fields) if fields else ""
+                problems.append(f"unknown option '{name}' ({allowed})." + near)
             else:
                 problems.append(f"'{name}': {e['msg']} (got {e.get('input')!r})")
         raise RecipeError(f"{where}: " + " ".join(problems)) from None

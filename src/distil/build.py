@@ -28,7 +28,8 @@ def load_recipe(source: str | Path | dict, where: str = "recipe") -> Recipe:
 def check_references(recipe: Recipe) -> None:
     """Check what the schema cannot: source, model, loss and augmentation names and their options."""
     if recipe.data.source not in SOURCES:
-        raise RecipeError(f"data.source: unknown source '{recipe.data.source}'." + did_you_mean(recipe.data.source, SOURCES))
+        raise RecipeError(f"data.source: unknown source '{recipe.data.source}'."
+                          + did_you_mean(recipe.data.source, SOURCES))
     bind_kwargs(SOURCES[recipe.data.source], recipe.data.args, "data.args")
     for role in ("teacher", "student"):
         section: ModelSection = getattr(recipe, role)

@@ -69,7 +69,8 @@ def _pipeline(recipe: Path | None, run_dir: Path | None, overrides: list[str], f
     from distil.recipe import apply_overrides, read_recipe
 
     try:
-        source = recipe or (run_dir / "recipe.yaml" if run_dir and (run_dir / "recipe.yaml").exists() else DEFAULT_RECIPE)
+        saved = run_dir / "recipe.yaml" if run_dir else None
+        source = recipe or (saved if saved and saved.exists() else DEFAULT_RECIPE)
         loaded = load_recipe(apply_overrides(read_recipe(source), overrides), where=str(source))
         target = run_dir or Path("runs") / loaded.name
         console.print(f"recipe {source} -> run folder {target}")
@@ -153,19 +154,20 @@ def _print_table(models: dict[str, dict]) -> None:
 
 
 @app.command(name="list")
-def list_(what: str = typer.Argument(..., help="methods | models | datasets")) -> None:
-    """Print the loss methods, models or data sources that exist, one per line."""
+def list_(what: str = typer.Argument(..., help="methods | models | datasets | augmentations")) -> None:
+    """Print the loss methods, models, data sources or augmentations that exist, one per line."""
+    from distil.augment import AUGMENTS
     from distil.data import SOURCES
     from distil.errors import did_you_mean
     from distil.losses import LOSSES
     from distil.models import MODELS
 
-    registries = {"methods": LOSSES, "models": MODELS, "datasets": SOURCES}
+    registries = {"methods": LOSSES, "models": MODELS, "datasets": SOURCES, "augmentations": AUGMENTS}
     if what not in registries:
         _fail(DistilError(f"cannot list '{what}'." + did_you_mean(what, registries)))
     for name, obj in registries[what].items():
         summary = " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())  # first paragraph, one line
-        print(f"{name:<14} {summary}")
+        print(f"{name:<20} {summary}")
 
 
 def entry() -> None:

@@ -192,7 +192,8 @@ def npz(path: str, transfer_path: str | None = None, x_key: str = "x", y_key: st
 
 def _open_npz(path: str):
     if not Path(path).is_file():
-        raise DataError(f"data file not found: {path}. Check data.args.path (relative paths start at the current folder).")
+        raise DataError(f"data file not found: {path}. Check data.args.path (relative paths start at the current "
+                        "folder).")
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError) as err:

@@ -31,7 +31,8 @@ def accuracy(model: nn.Module, split: Split) -> float:
 
 
 def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:
-    """ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)| over equal-width bins of max-softmax confidence (Guo et al. 2017)."""
+    """ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)| over equal-width bins of max-softmax confidence
+    (Guo et al. 2017)."""
     confidence, predicted = F.softmax(logits, dim=1).max(dim=1)
     correct = (predicted == targets).float()
     edges = torch.linspace(0, 1, bins + 1)

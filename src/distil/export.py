@@ -6,7 +6,6 @@ student, so they cannot leak into the ONNX file.
 
 from __future__ import annotations
 
-import logging
 import re
 import shutil
 import tempfile
@@ -19,8 +18,6 @@ from torch import nn
 
 from distil.checkpoint import atomic_write
 from distil.errors import DistilError
-
-log = logging.getLogger(__name__)
 
 
 def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, atol: float = 1e-4) -> float:

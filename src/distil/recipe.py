@@ -172,11 +172,13 @@ def _read_yaml(path: Path) -> dict:
     except yaml.YAMLError as err:
         raise RecipeError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path} must hold a mapping of sections (data, teacher, student, ...), got {type(raw).__name__}")
+        raise RecipeError(f"{path} must hold a mapping of sections (data, teacher, student, ...), "
+                          f"got {type(raw).__name__}")
     return raw
 
 
-HINTS = {"distill.terms": ". Give at least one loss term, e.g. [{kind: kd, T: 4, weight: 0.9}, {kind: ce, weight: 0.1}]"}
+HINTS = {  # what to do, after pydantic's message for a field
+    "distill.terms": ". Give at least one loss term, e.g. [{kind: kd, T: 4, weight: 0.9}, {kind: ce, weight: 0.1}]"}
 
 
 def _explain(err: ValidationError) -> str:

@@ -167,7 +167,8 @@ def plot_tradeoff(models: dict[str, dict], path: Path) -> Path:
     use_ort = all("ort_latency_ms_b1" in m for m in models.values())
     latency_key = "ort_latency_ms_b1" if use_ort else "latency_ms_b1"
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    panels = ((axes[0], lambda m: m[latency_key], f"latency at batch 1 (ms, {'onnxruntime' if use_ort else 'PyTorch'})"),
+    runtime = "onnxruntime" if use_ort else "PyTorch"
+    panels = ((axes[0], lambda m: m[latency_key], f"latency at batch 1 (ms, {runtime})"),
               (axes[1], lambda m: m.get("onnx_bytes", m["bytes"]) / 1024, "file size (KiB)"))
     for ax, cost, label in panels:
         points = {name: (cost(m), m["accuracy"]) for name, m in models.items()}

@@ -78,7 +78,8 @@ def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: in
     scheduler = make_scheduler(optimizer, cfg, max(1, len(batches)))
     last = best = None
     if checkpoint_dir is not None:
-        last, best = Path(checkpoint_dir) / f"{name}-last.safetensors", Path(checkpoint_dir) / f"{name}-best.safetensors"
+        folder = Path(checkpoint_dir)
+        last, best = folder / f"{name}-last.safetensors", folder / f"{name}-best.safetensors"
     result = _resume(last, module, optimizer, scheduler) if last and last.exists() else FitResult()
     val_batches = _batches(val, cfg, env, shuffle=False) if val is not None and len(val) else None
     for epoch in range(len(result.history), 0 if result.stopped_early else cfg.epochs):
@@ -110,7 +111,10 @@ def _batches(data, cfg: TrainConfig, env: _Env, shuffle: bool) -> Batches:
         return Batches(data, cfg.batch_size)
     if not isinstance(data, Split) and (isinstance(data, IterableDataset) or not hasattr(data, "__len__")):
         return Batches(data, cfg.batch_size)  # raises the DataError that says what data fit takes
-    size = min(cfg.batch_size, max(1, len(data))) if shuffle else max(cfg.batch_size, 1024 if isinstance(data, Split) else 0)
+    if shuffle:
+        size = min(cfg.batch_size, max(1, len(data)))
+    else:  # validation: in-memory data takes large batches, a Dataset the training batch size
+        size = max(cfg.batch_size, 1024 if isinstance(data, Split) else 0)
     return Batches(data, size, shuffle=shuffle, seed=env.seed, drop_last=shuffle, workers=cfg.workers,
                    pin_memory=env.device.type == "cuda")
 
@@ -139,7 +143,7 @@ def _train_epoch(task: Task, batches: Batches, optimizer, scheduler, env: _Env, 
     module = task.trainable_module()
     module.train()
     torch.manual_seed(env.seed * 1000 + progress.epoch)  # dropout etc.: same stream whether resumed or not
-    views = torch.Generator().manual_seed(env.seed * 1000 + progress.epoch + 1)  # augmentation, resumable too
+    views = torch.Generator().manual_seed(env.seed * 1000 + progress.epoch + 10**9)  # augmentation; resumable too
     parts: list[torch.Tensor] = []  # per step, the loss parts stacked (on the device; summed once per epoch)
     losses: list[torch.Tensor] = []  # on the device; read every CHECK_EVERY steps
     seen, start_time, steps = 0, time.perf_counter(), 0

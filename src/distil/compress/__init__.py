@@ -2,6 +2,4 @@
 
 from distil.compress.prune import channel_prune, magnitude_prune
 
-COMPRESSORS = {"channels": channel_prune, "magnitude": magnitude_prune}
-
-__all__ = ["COMPRESSORS", "channel_prune", "magnitude_prune"]
+__all__ = ["channel_prune", "magnitude_prune"]

@@ -8,7 +8,6 @@ architecture; nothing is pickled.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
@@ -17,8 +16,6 @@ from torch.nn.utils import prune as torch_prune
 
 from distil.errors import DistilError, ModelError
 from distil.taps import get_module
-
-log = logging.getLogger(__name__)
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 # module types whose parameters torch-pruning knows how to slice
@@ -148,7 +145,8 @@ def _check_forward(model: nn.Module, example_inputs: torch.Tensor) -> None:
             model(example_inputs)
     except RuntimeError as err:
         raise ModelError(f"the pruned model no longer runs ({err}). A layer whose channels are tied to its "
-                         "neighbours in a way torch-pruning cannot see was pruned: add it to compress.exclude.") from err
+                         "neighbours in a way torch-pruning cannot see was pruned: add it to compress.exclude."
+                         ) from err
 
 
 def structure_of(model: nn.Module) -> dict[str, dict]:
