@@ -42,7 +42,8 @@ def hand_written_epoch(student, teacher, loader, optimizer, device, precision, T
             soft = F.kl_div(F.log_softmax(student_logits / T, 1), F.log_softmax(teacher_logits / T, 1),
                             reduction="batchmean", log_target=True) * T * T
             labelled = targets >= 0  # transfer samples carry -1: no hard label
-            hard = F.cross_entropy(student_logits, targets, ignore_index=-1, reduction="sum") / labelled.sum().clamp(min=1)
+            hard = (F.cross_entropy(student_logits, targets, ignore_index=-1, reduction="sum")
+                    / labelled.sum().clamp(min=1))
             loss = alpha * soft + (1 - alpha) * hard
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -58,10 +59,12 @@ def hand_cached_epoch(student, x, y, teacher_logits, optimizer, batch_size: int,
         idx = order[start:start + batch_size]
         inputs, targets = x.index_select(0, idx), y.index_select(0, idx)
         student_logits = student(inputs)
-        hard = F.cross_entropy(student_logits, targets, ignore_index=-1, reduction="sum") / (targets >= 0).sum().clamp(min=1)
+        labelled = targets >= 0  # transfer samples carry -1: no hard label
+        hard = F.cross_entropy(student_logits, targets, ignore_index=-1, reduction="sum") / labelled.sum().clamp(min=1)
         loss = hard
         if kd:
-            soft = F.kl_div(F.log_softmax(student_logits / T, 1), F.log_softmax(teacher_logits.index_select(0, idx) / T, 1),
+            cached = teacher_logits.index_select(0, idx)  # (B, K): this batch's rows of the stored teacher logits
+            soft = F.kl_div(F.log_softmax(student_logits / T, 1), F.log_softmax(cached / T, 1),
                             reduction="batchmean", log_target=True) * T * T
             loss = alpha * soft + (1 - alpha) * hard
         optimizer.zero_grad(set_to_none=True)

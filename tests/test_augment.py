@@ -24,8 +24,8 @@ def _crop_offsets(images: torch.Tensor, out: torch.Tensor, padding: int) -> list
     for img, crop in zip(images, out):
         padded = torch.zeros(img.shape[0], img.shape[1] + 2 * padding, img.shape[2] + 2 * padding)
         padded[:, padding:padding + img.shape[1], padding:padding + img.shape[2]] = img
-        found = [(t, l) for t in range(padded.shape[1] - size + 1) for l in range(padded.shape[2] - size + 1)
-                 if torch.equal(padded[:, t:t + size, l:l + size], crop)]
+        found = [(top, left) for top in range(padded.shape[1] - size + 1) for left in range(padded.shape[2] - size + 1)
+                 if torch.equal(padded[:, top:top + size, left:left + size], crop)]
         assert len(found) == 1, "output is not a crop of the padded image"
         offsets.append(found[0])
     return offsets
@@ -41,8 +41,8 @@ def test_random_crop_is_a_window_of_the_padded_image_with_per_sample_offsets():
     out = RandomCrop(32, padding=4)(images, _gen(0))
     assert out.shape == (8, 3, 32, 32)
     offsets = _crop_offsets(images, out, padding=4)
-    assert all(0 <= t <= 8 and 0 <= l <= 8 for t, l in offsets)
-    assert len({t for t, _ in offsets}) > 1 and len({l for _, l in offsets}) > 1, "images share a crop offset"
+    assert all(0 <= top <= 8 and 0 <= left <= 8 for top, left in offsets)
+    assert len({top for top, _ in offsets}) > 1 and len({left for _, left in offsets}) > 1, "images share a crop offset"
     other = _crop_offsets(images, RandomCrop(32, padding=4)(images, _gen(1)), padding=4)
     assert other != offsets
 
@@ -51,8 +51,8 @@ def test_random_crop_smaller_than_image():
     images = _distinct(b=4, c=1, h=10, w=12)
     out = RandomCrop(6)(images, _gen(3))
     assert out.shape == (4, 1, 6, 6)
-    for t, l in _crop_offsets(images, out, padding=0):
-        assert 0 <= t <= 4 and 0 <= l <= 6
+    for top, left in _crop_offsets(images, out, padding=0):
+        assert 0 <= top <= 4 and 0 <= left <= 6
 
 
 def test_random_crop_larger_than_padded_image_names_both_sizes():
@@ -185,5 +185,5 @@ def test_padding_matches_plain_pytorch_crop():
     images = _distinct(b=3, c=2, h=8, w=8)
     out = RandomCrop(8, padding=2)(images, _gen(5))
     padded = F.pad(images, (2, 2, 2, 2))
-    for i, (t, l) in enumerate(_crop_offsets(images, out, padding=2)):
-        assert torch.equal(out[i], padded[i, :, t:t + 8, l:l + 8])
+    for i, (top, left) in enumerate(_crop_offsets(images, out, padding=2)):
+        assert torch.equal(out[i], padded[i, :, top:top + 8, left:left + 8])

@@ -6,17 +6,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from conftest import blobs, mlp
 from distil import CE, KD, Batch, ClassificationTask, Distiller, EpochSampler, Progress, TrainConfig, fit
 from distil.batches import Batches
 from distil.data import Split
 from distil.errors import ConfigError, DataError
 from distil.losses import Reads
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and does not stall waiting for a core that another process holds."""
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Pairs(Dataset):
@@ -30,18 +27,6 @@ class Pairs(Dataset):
 
     def __getitem__(self, i: int):
         return self.x[i], self.y[i]
-
-
-def blobs(n: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Three Gaussian blobs in 4-D."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 3
-    return torch.eye(4)[y] * 2.0 + 0.7 * torch.randn(n, 4, generator=g), y
-
-
-def mlp(seed: int, dropout: float = 0.0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 3))
 
 
 def numbered(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +80,7 @@ def test_distillation_trains_the_same_from_a_split_a_dataset_and_a_dataloader():
 
 def test_dropout_draws_the_same_masks_from_a_split_and_a_dataset():
     cfg = TrainConfig(epochs=2, batch_size=16, lr=0.02)
-    x, y = blobs()
+    x, y = blobs(96)
     a, b = mlp(0, dropout=0.3), mlp(0, dropout=0.3)
     fit(ClassificationTask(a), Split(x, y), None, cfg, seed=3)
     fit(ClassificationTask(b), Pairs(x, y), None, cfg, seed=3)
@@ -104,7 +89,7 @@ def test_dropout_draws_the_same_masks_from_a_split_and_a_dataset():
 
 def test_dropout_draws_the_same_masks_from_a_split_and_a_users_dataloader():
     cfg = TrainConfig(epochs=2, batch_size=16, lr=0.02)
-    x, y = blobs()
+    x, y = blobs(96)
     loader = DataLoader(Pairs(x, y), batch_size=16, sampler=EpochSampler(len(x), seed=3), drop_last=True)
     a, b = mlp(0, dropout=0.3), mlp(0, dropout=0.3)
     fit(ClassificationTask(a), Split(x, y), None, cfg, seed=3)

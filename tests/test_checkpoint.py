@@ -7,20 +7,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from conftest import TinyBN
 from distil.checkpoint import atomic_write, load_tensors, load_weights, save_model, save_tensors
 from distil.errors import DistilError, ModelError
-
-
-class Small(nn.Module):
-    """Conv + BatchNorm + Linear: parameters and buffers (running stats, an int64 counter)."""
-
-    def __init__(self, width: int = 4, classes: int = 3) -> None:
-        super().__init__()
-        self.layer1 = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
-        self.fc = nn.Linear(width * 16, classes)
-
-    def forward(self, x):
-        return self.fc(self.layer1(x).flatten(1))
 
 
 class Tied(nn.Module):
@@ -36,10 +25,10 @@ class Tied(nn.Module):
         return self.b(self.a(x))
 
 
-def trained_small(seed: int = 0) -> Small:
-    """A Small whose weights and BatchNorm statistics differ from a fresh one's."""
+def trained_tiny_bn(seed: int = 0) -> TinyBN:
+    """A TinyBN (conv + BatchNorm + linear) whose weights and BatchNorm statistics differ from a fresh one's."""
     torch.manual_seed(seed)
-    model = Small()
+    model = TinyBN()
     model.train()
     model(torch.randn(8, 1, 4, 4) * 2 + 1)  # moves the running stats
     with torch.no_grad():
@@ -49,11 +38,11 @@ def trained_small(seed: int = 0) -> Small:
 
 
 def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
-    model = trained_small()
+    model = trained_tiny_bn()
     path = tmp_path / "m.safetensors"
     save_model(model, path)
     torch.manual_seed(123)
-    fresh = Small().eval()
+    fresh = TinyBN().eval()
     x = torch.randn(5, 1, 4, 4)
     assert not torch.equal(fresh(x), model(x))  # the load below has something to do
     loaded = load_weights(fresh, path)
@@ -65,7 +54,7 @@ def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
 
 
 def test_metadata_round_trips_through_load_tensors(tmp_path):
-    model = trained_small()
+    model = trained_tiny_bn()
     save_model(model, tmp_path / "m.safetensors", meta={"model": "small", "classes": 3, "acc": 0.5})
     tensors, meta = load_tensors(tmp_path / "m.safetensors")
     assert meta == {"model": "small", "classes": 3, "acc": 0.5}
@@ -89,10 +78,10 @@ def test_save_tensors_splits_shared_storage_and_non_contiguous_tensors(tmp_path)
 
 def test_loading_into_a_differently_shaped_model_lists_the_mismatch(tmp_path):
     path = tmp_path / "m.safetensors"
-    save_model(Small(width=4), path)
+    save_model(TinyBN(width=4), path)
     with pytest.raises(ModelError, match=r"does not fit the model.*shape mismatches "
                                          r"\['layer1\.0\.weight: file \[4, 1, 3, 3\] vs model \[8, 1, 3, 3\]"):
-        load_weights(Small(width=8), path)
+        load_weights(TinyBN(width=8), path)
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path):
@@ -106,8 +95,8 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
 
 def test_a_failed_load_leaves_the_model_untouched(tmp_path):
     path = tmp_path / "m.safetensors"
-    save_model(Small(width=4), path)
-    target = Small(width=8)
+    save_model(TinyBN(width=4), path)
+    target = TinyBN(width=8)
     before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(ModelError):
         load_weights(target, path)
@@ -118,50 +107,50 @@ def test_a_failed_load_leaves_the_model_untouched(tmp_path):
 def test_a_missing_file_is_a_distil_error_naming_the_path(tmp_path, name):
     path = tmp_path / "sub" / name
     with pytest.raises(DistilError, match=rf"checkpoint file not found: {re.escape(str(path))}"):
-        load_weights(Small(), path)
+        load_weights(TinyBN(), path)
 
 
 def test_a_file_that_is_not_safetensors_is_a_distil_error(tmp_path):
     path = tmp_path / "junk.safetensors"
     path.write_bytes(b"this is not a checkpoint at all")
     with pytest.raises(DistilError, match=r"cannot read checkpoint .*junk\.safetensors.*Is it a safetensors file"):
-        load_weights(Small(), path)
+        load_weights(TinyBN(), path)
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin"])
 def test_a_torch_saved_state_dict_loads_through_the_weights_only_path(tmp_path, suffix):
-    model = trained_small()
+    model = trained_tiny_bn()
     path = tmp_path / f"m{suffix}"
     torch.save(model.state_dict(), path)
-    loaded = load_weights(Small().eval(), path)
+    loaded = load_weights(TinyBN().eval(), path)
     x = torch.randn(3, 1, 4, 4)
     assert torch.equal(loaded(x), model(x))
 
 
 def test_a_pt_file_wrapping_the_state_dict_loads(tmp_path):
-    model = trained_small()
+    model = trained_tiny_bn()
     torch.save({"state_dict": model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
-    loaded = load_weights(Small().eval(), tmp_path / "ckpt.pt")
+    loaded = load_weights(TinyBN().eval(), tmp_path / "ckpt.pt")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
 def test_a_pt_file_holding_a_pickled_object_is_refused(tmp_path):
-    model = Small()
+    model = TinyBN()
     torch.save({"weights": model, "note": "a pickled module"}, tmp_path / "pickled.pt")
     with pytest.raises(ModelError, match=r"holds more than tensors.*weights_only=True.*state_dict"):
         load_weights(model, tmp_path / "pickled.pt")
 
 
 def test_a_pt_state_dict_of_the_wrong_model_lists_the_mismatch(tmp_path):
-    torch.save(Small(width=4).state_dict(), tmp_path / "m.pt")
+    torch.save(TinyBN(width=4).state_dict(), tmp_path / "m.pt")
     with pytest.raises(ModelError, match=r"m\.pt does not fit the model.*layer1\.0\.weight: file \[4, 1, 3, 3\]"):
-        load_weights(Small(width=2), tmp_path / "m.pt")
+        load_weights(TinyBN(width=2), tmp_path / "m.pt")
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
     folder = tmp_path / "new" / "dir"  # created on demand
-    save_model(Small(), folder / "m.safetensors")
-    save_model(Small(), folder / "m.safetensors")  # overwrite
+    save_model(TinyBN(), folder / "m.safetensors")
+    save_model(TinyBN(), folder / "m.safetensors")  # overwrite
     save_tensors(folder / "c.safetensors", {"x": torch.ones(2)}, meta={"a": 1})
     assert sorted(p.name for p in folder.iterdir()) == ["c.safetensors", "m.safetensors"]
 

@@ -90,7 +90,8 @@ def test_teacher_and_student_with_different_class_counts_exit_2(tmp_path, tiny_r
     """)
     tiny_recipe["student"] = {"model": "fiveway:five_way", "train": {"epochs": 1}}
     fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")],
-                  "the student (fiveway:five_way) gives outputs of shape [2, 5] for a batch of 2, but the data has 10 classes")
+                  "the student (fiveway:five_way) gives outputs of shape [2, 5] for a batch of 2, "
+                  "but the data has 10 classes")
 
 
 def test_feature_pair_that_cannot_be_connected_exits_2(tmp_path, tiny_recipe):
@@ -145,7 +146,8 @@ def test_a_stage_before_its_inputs_exist_exits_2(tmp_path, tiny_recipe):
 
 def test_quantizing_a_model_the_run_does_not_have_exits_2(tmp_path, tiny_recipe):
     tiny_recipe["export"] = {"enabled": True, "quantize": ["teacher-pruned"]}
-    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe)], "export.quantize: this run has no model 'teacher-pruned'")
+    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe)],
+                  "export.quantize: this run has no model 'teacher-pruned'")
 
 
 def test_bench_of_a_missing_file_exits_2(tmp_path):

@@ -5,30 +5,14 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import NaNAfter, blob_split, mlp
 from distil import CE, KD, ClassificationTask, Distiller, TrainConfig, fit
 from distil.checkpoint import load_tensors, save_tensors
-from distil.data import Split
 from distil.device import check_precision, grad_scaler, resolve_device
 from distil.errors import ConfigError, NonFiniteLossError
 from distil.evaluate import accuracy
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and does not stall waiting for a core that another process holds."""
-    torch.set_num_threads(1)
-
-
-def blobs(n: int = 240, seed: int = 0) -> Split:
-    """Three Gaussian blobs in 4-D: learnable in a few epochs."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 3
-    return Split(torch.eye(4)[y] * 2.0 + 0.7 * torch.randn(n, 4, generator=g), y)
-
-
-def mlp(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- device names -----------------------------------------------------------------------------
@@ -60,7 +44,7 @@ def test_an_unknown_precision_names_the_valid_choices():
     with pytest.raises(ConfigError, match="precision 'fp8': use one of fp32, bf16, fp16"):
         check_precision("fp8", torch.device("cpu"))
     with pytest.raises(ConfigError, match="precision 'half'"):
-        fit(ClassificationTask(mlp(0)), blobs(), None, TrainConfig(epochs=1), precision="half")
+        fit(ClassificationTask(mlp(0)), blob_split(), None, TrainConfig(epochs=1), precision="half")
 
 
 def test_only_fp16_scales_the_loss():
@@ -79,8 +63,8 @@ def _fit_recording_dtypes(precision: str) -> tuple[nn.Module, set[torch.dtype]]:
     dtypes: set[torch.dtype] = set()
     handle = model[0].register_forward_hook(lambda m, i, out: dtypes.add(out.dtype) if m.training else None)
     try:
-        fit(ClassificationTask(model), blobs(), blobs(60, seed=1), TrainConfig(epochs=5, batch_size=32, lr=0.02),
-            precision=precision, device="cpu")
+        fit(ClassificationTask(model), blob_split(), blob_split(60, seed=1),
+            TrainConfig(epochs=5, batch_size=32, lr=0.02), precision=precision, device="cpu")
     finally:
         handle.remove()
     return model, dtypes
@@ -95,17 +79,17 @@ def test_fit_trains_under_cpu_autocast_and_the_forward_runs_in_that_dtype(precis
         pytest.skip(f"torch {torch.__version__} cannot run {precision} on the CPU: {err}")
     assert dtypes == {dtype}
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay fp32
-    assert accuracy(model, blobs(300, seed=2)) > 0.85
+    assert accuracy(model, blob_split(300, seed=2)) > 0.85
 
 
 def test_a_distiller_trains_under_bf16():
     teacher = mlp(1)
-    fit(ClassificationTask(teacher), blobs(), None, TrainConfig(epochs=5, batch_size=32, lr=0.02))
+    fit(ClassificationTask(teacher), blob_split(), None, TrainConfig(epochs=5, batch_size=32, lr=0.02))
     student = mlp(0)
-    result = fit(Distiller(student, teacher, [KD(T=2, weight=0.8), CE(weight=0.2)]), blobs(), blobs(60, seed=1),
-                 TrainConfig(epochs=5, batch_size=32, lr=0.02), precision="bf16")
+    result = fit(Distiller(student, teacher, [KD(T=2, weight=0.8), CE(weight=0.2)]), blob_split(),
+                 blob_split(60, seed=1), TrainConfig(epochs=5, batch_size=32, lr=0.02), precision="bf16")
     assert set(result.history[0]["parts"]) == {"kd", "ce"}
-    assert accuracy(student, blobs(300, seed=2)) > 0.85
+    assert accuracy(student, blob_split(300, seed=2)) > 0.85
 
 
 # --- checkpoints on any device ----------------------------------------------------------------
@@ -122,7 +106,7 @@ def test_load_tensors_puts_them_on_the_device_asked_for(tmp_path):
 
 def test_a_resumed_bf16_run_equals_the_uninterrupted_one(tmp_path):
     cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05, optimizer="sgd", schedule="cosine")
-    train, val = blobs(), blobs(60, seed=1)
+    train, val = blob_split(), blob_split(60, seed=1)
     full = mlp(0)
     fit(ClassificationTask(full), train, val, cfg, precision="bf16", checkpoint_dir=tmp_path / "a")
 
@@ -143,7 +127,7 @@ def test_a_resumed_bf16_run_equals_the_uninterrupted_one(tmp_path):
 @pytest.mark.cuda
 def test_bf16_on_the_gpu_and_checkpoints_that_cross_devices(tmp_path):
     model = mlp(0)
-    fit(ClassificationTask(model), blobs(), blobs(60, seed=1), TrainConfig(epochs=2, batch_size=32, lr=0.02),
+    fit(ClassificationTask(model), blob_split(), blob_split(60, seed=1), TrainConfig(epochs=2, batch_size=32, lr=0.02),
         name="g", device="cuda", precision="bf16", checkpoint_dir=tmp_path)
     assert next(model.parameters()).device.type == "cuda"
     tensors, meta = load_tensors(tmp_path / "g-last.safetensors", device="cpu")  # written on the GPU
@@ -159,23 +143,6 @@ def test_bf16_on_the_gpu_and_checkpoints_that_cross_devices(tmp_path):
 # --- the non-finite check, read every 50 steps ------------------------------------------------
 
 
-class NaNAfter:
-    """A task whose loss turns NaN after `n` forward passes; counts them."""
-
-    def __init__(self, model: nn.Module, n: int) -> None:
-        self.inner, self.n, self.calls = ClassificationTask(model), n, 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def forward(self, batch, progress=None):
-        out = self.inner.forward(batch, progress)
-        self.calls += 1
-        if self.calls > self.n:
-            out = type(out)(out.loss * float("nan"), {"ce": out.loss * float("nan")}, out.outputs)
-        return out
-
-
 # 240 samples in batches of 2: 120 steps per epoch; the flag is read after steps 50 and 100 and at the epoch's end
 @pytest.mark.parametrize("good,step,calls", [
     (120 + 74, 75, 120 + 100),  # bad from epoch 2 step 75: seen at the read after step 100
@@ -187,7 +154,7 @@ def test_a_nan_mid_epoch_names_its_first_bad_step_not_the_read_point(tmp_path, g
     cfg = TrainConfig(epochs=3, batch_size=2, lr=0.01)
     with pytest.raises(NonFiniteLossError, match=rf"loss became nan at epoch 2, step {step} \(.*ce=nan.*"
                                                  r"last good checkpoint is kept at .*t-last\.safetensors"):
-        fit(task, blobs(), None, cfg, name="t", checkpoint_dir=tmp_path)
+        fit(task, blob_split(), None, cfg, name="t", checkpoint_dir=tmp_path)
     assert task.calls == calls  # no step waited on the device: training ran on up to the read
     tensors, meta = load_tensors(tmp_path / "t-last.safetensors")
     assert [r["epoch"] for r in meta["history"]] == [1]
@@ -197,6 +164,6 @@ def test_a_nan_mid_epoch_names_its_first_bad_step_not_the_read_point(tmp_path, g
 def test_a_nan_in_the_first_epoch_keeps_no_checkpoint(tmp_path):
     task = NaNAfter(mlp(0), 60)
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 1, step 61 \(.*ce=nan") as err:
-        fit(task, blobs(), None, TrainConfig(epochs=2, batch_size=2, lr=0.01), name="t", checkpoint_dir=tmp_path)
+        fit(task, blob_split(), None, TrainConfig(epochs=2, batch_size=2, lr=0.01), name="t", checkpoint_dir=tmp_path)
     assert "checkpoint" not in str(err.value)
     assert task.calls == 100 and not (tmp_path / "t-last.safetensors").exists()

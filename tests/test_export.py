@@ -27,7 +27,8 @@ def trained_cnn(digits):
     return model.eval()
 
 
-@pytest.mark.parametrize("name,shape", [("cnn", (1, 8, 8)), ("cnn1d", (1, 40)), ("mlp", (7,)), ("resnet8", (3, 16, 16))])
+@pytest.mark.parametrize("name,shape", [("cnn", (1, 8, 8)), ("cnn1d", (1, 40)), ("mlp", (7,)),
+                                        ("resnet8", (3, 16, 16))])
 def test_onnx_matches_pytorch_at_any_batch_size(tmp_path, name, shape):
     torch.manual_seed(0)
     model = build_model(name, shape, 4).eval()

@@ -23,10 +23,7 @@ ROOT = Path(__file__).parent.parent
 AUGMENT = [{"kind": "random_crop", "size": 12, "padding": 2}, {"kind": "hflip"}]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and does not stall waiting for a core that another process holds."""
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def raw_pixels(files: list[Path]) -> np.ndarray:
@@ -160,7 +157,7 @@ def test_augmented_views_change_between_epochs_and_student_and_teacher_see_the_s
 
 
 def image_recipe(folder: Path) -> dict:
-    train = {"epochs": 2, "batch_size": 8, "lr": 0.01, "workers": 0}
+    train = {"epochs": 2, "batch_size": 8, "lr": 0.01}  # images read in 2 DataLoader workers (the default)
     return {
         "name": "images", "seed": 0, "device": "cpu",
         "data": {"source": "imagefolder", "args": {"path": str(folder), "image_size": 12}, "augment": AUGMENT},

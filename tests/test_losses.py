@@ -6,31 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import Tiny, TinyBN, hand_ce, hand_kl, hand_softmax
 from distil import CE, KD, Batch, Distiller, FitNet, hinton_terms
 from distil.data import Split
 from distil.errors import ModelError, ShapeError, TapError
 from distil.losses import AT, LOSSES, UNLABELED, Views, at_loss, attention_map, ce_loss, fitnet_loss, kd_loss
-
-# --- hand-written helpers (plain exp/log, float64) ------------------------------------------
-
-
-def hand_softmax(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
-    """softmax(z / T) row by row, written out: exp(z_i / T) / sum_j exp(z_j / T)."""
-    e = torch.exp(logits.double() / T)
-    return e / e.sum(dim=1, keepdim=True)
-
-
-def hand_kl(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
-    """sum_k p_t (log p_t - log p_s), mean over the batch: KL of the softened distributions, no T^2."""
-    p_s, p_t = hand_softmax(student, T), hand_softmax(teacher, T)
-    return (p_t * (torch.log(p_t) - torch.log(p_s))).sum() / student.shape[0]
-
-
-def hand_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-log softmax(z)[y], mean over the batch."""
-    p = hand_softmax(logits)
-    return -torch.log(p[torch.arange(len(targets)), targets]).mean()
-
 
 # --- kd_loss --------------------------------------------------------------------------------
 
@@ -171,31 +151,7 @@ def test_at_loss_by_hand_on_a_1x2x2x2_example():
     assert at_loss(5 * s, t).item() == pytest.approx(expected, rel=1e-5)
 
 
-# --- tiny in-file models --------------------------------------------------------------------
-
-
-class Tiny(nn.Module):
-    """(B, 1, 4, 4) -> layer1 conv (B, width, 4, 4) -> fc (B, classes)."""
-
-    def __init__(self, width: int, classes: int = 3) -> None:
-        super().__init__()
-        self.layer1 = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU())
-        self.fc = nn.Linear(width * 16, classes)
-
-    def forward(self, x):
-        return self.fc(self.layer1(x).flatten(1))
-
-
-class TinyBN(nn.Module):
-    """Like Tiny, with a BatchNorm whose running stats show whether the module ran in train mode."""
-
-    def __init__(self, width: int = 4, classes: int = 3) -> None:
-        super().__init__()
-        self.layer1 = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
-        self.fc = nn.Linear(width * 16, classes)
-
-    def forward(self, x):
-        return self.fc(self.layer1(x).flatten(1))
+# --- terms on the tiny models (Tiny, TinyBN: see conftest.py) -------------------------------
 
 
 def make_term(kind: str) -> nn.Module:

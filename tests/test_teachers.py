@@ -8,51 +8,20 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import blobs, hand_ce, hand_softmax, mlp
 from distil import CE, KD, Batch, Distiller, FitNet, TrainConfig, fit
 from distil.batches import Batches
 from distil.build import load_recipe
 from distil.data import Split
 from distil.errors import ConfigError, ModelError, RecipeError
 
-# --- hand-written helpers (plain exp/log, float64) ------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and does not stall waiting for a core that another process holds."""
-    torch.set_num_threads(1)
-
-
-def hand_softmax(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
-    """softmax(z / T) row by row, written out: exp(z_i / T) / sum_j exp(z_j / T)."""
-    e = torch.exp(logits.double() / T)
-    return e / e.sum(dim=1, keepdim=True)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_kd(student: torch.Tensor, teacher: torch.Tensor, T: float) -> float:
     """T^2 * sum_k p_t (log p_t - log p_s), mean over the batch."""
     p_s, p_t = hand_softmax(student, T), hand_softmax(teacher, T)
     return float(T * T * (p_t * (torch.log(p_t) - torch.log(p_s))).sum() / student.shape[0])
-
-
-def hand_ce(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """-log softmax(z)[y], mean over the batch."""
-    p = hand_softmax(logits)
-    return float(-torch.log(p[torch.arange(len(targets)), targets]).mean())
-
-
-# --- tiny models and data ---------------------------------------------------------------------
-
-
-def mlp(seed: int, hidden: int = 16, classes: int = 3) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, classes))
-
-
-def blobs(n: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 3
-    return torch.eye(4)[y] * 2.0 + 0.7 * torch.randn(n, 4, generator=g), y
 
 
 def two_teachers(extra: list | None = None) -> Distiller:
@@ -73,7 +42,7 @@ def test_two_teachers_give_each_part_and_the_total_as_computed_by_hand():
     assert list(out.parts) == ["kd:big", "kd:ta", "ce"]
     with torch.no_grad():
         student, big, ta = (m(x) for m in (distiller.student, distiller.teachers["big"], distiller.teachers["ta"]))
-    kd_big, kd_ta, ce = hand_kd(student, big, T=4), hand_kd(student, ta, T=2), hand_ce(student, y)
+    kd_big, kd_ta, ce = hand_kd(student, big, T=4), hand_kd(student, ta, T=2), float(hand_ce(student, y))
     assert out.parts["kd:big"].item() == pytest.approx(0.5 * kd_big, rel=1e-5)
     assert out.parts["kd:ta"].item() == pytest.approx(0.3 * kd_ta, rel=1e-5)
     assert out.parts["ce"].item() == pytest.approx(0.2 * ce, rel=1e-5)
@@ -93,7 +62,7 @@ def test_gradients_reach_the_student_only():
 def test_fit_logs_every_teacher_part_and_leaves_the_teachers_unchanged(tmp_path):
     distiller = two_teachers()
     before = {name: copy.deepcopy(t.state_dict()) for name, t in distiller.teachers.items()}
-    x, y = blobs()
+    x, y = blobs(48)
     fit(distiller, Split(x, y), None, TrainConfig(epochs=2, batch_size=16, lr=0.02), log_path=tmp_path / "log.jsonl")
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [set(r["parts"]) for r in records] == [{"kd:big", "kd:ta", "ce"}] * 2

@@ -2,32 +2,20 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
+from conftest import NaNAfter, blob_split, mlp
 from distil import CE, KD, ClassificationTask, Distiller, TrainConfig, fit
 from distil.data import Split
 from distil.errors import DataError, NonFiniteLossError
 from distil.evaluate import accuracy
 
 
-def blobs(n: int = 240, seed: int = 0) -> Split:
-    """Three Gaussian blobs in 4-D: learnable in a few epochs."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 3
-    centres = torch.tensor([[2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 2.0, 0]])
-    return Split(centres[y] + 0.7 * torch.randn(n, 4, generator=g), y)
-
-
-def mlp(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3))
-
-
 def test_fit_learns_and_logs_one_record_per_epoch(tmp_path):
-    model = mlp(0)
+    model = mlp(0, dropout=0.1)
     cfg = TrainConfig(epochs=5, batch_size=32, lr=0.02)
-    result = fit(ClassificationTask(model), blobs(), blobs(90, seed=1), cfg, name="t", log_path=tmp_path / "log.jsonl")
-    assert accuracy(model, blobs(300, seed=2)) > 0.85
+    result = fit(ClassificationTask(model), blob_split(), blob_split(90, seed=1), cfg, name="t",
+                 log_path=tmp_path / "log.jsonl")
+    assert accuracy(model, blob_split(300, seed=2)) > 0.85
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4, 5]
     assert set(lines[0]) >= {"stage", "loss", "parts", "val_acc", "lr", "samples_per_s"}
@@ -39,45 +27,28 @@ def test_fit_learns_and_logs_one_record_per_epoch(tmp_path):
                                                 ("adamw", "constant")])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, optimizer, schedule):
     cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05, optimizer=optimizer, schedule=schedule, step_size=1)
-    train, val = blobs(), blobs(60, seed=1)
-    full = mlp(0)
+    train, val = blob_split(), blob_split(60, seed=1)
+    full = mlp(0, dropout=0.1)
     fit(ClassificationTask(full), train, val, cfg, checkpoint_dir=tmp_path / "a")
 
     def stop_after_two(record):
         if record["epoch"] == 2:
             raise KeyboardInterrupt
 
-    interrupted = mlp(0)
+    interrupted = mlp(0, dropout=0.1)
     with pytest.raises(KeyboardInterrupt):
         fit(ClassificationTask(interrupted), train, val, cfg, checkpoint_dir=tmp_path / "b", on_epoch=stop_after_two)
-    resumed = mlp(123)  # a different init: everything must come from the checkpoint
+    resumed = mlp(123, dropout=0.1)  # a different init: everything must come from the checkpoint
     result = fit(ClassificationTask(resumed), train, val, cfg, checkpoint_dir=tmp_path / "b")
     assert len(result.history) == 4
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
 
-class NaNAfter:
-    """A task whose loss turns NaN after `n` steps."""
-
-    def __init__(self, model: nn.Module, n: int) -> None:
-        self.inner, self.n, self.calls = ClassificationTask(model), n, 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def forward(self, batch, progress=None):
-        out = self.inner.forward(batch, progress)
-        self.calls += 1
-        if self.calls > self.n:
-            out = type(out)(out.loss * float("nan"), {"ce": out.loss * float("nan")}, out.outputs)
-        return out
-
-
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = TrainConfig(epochs=5, batch_size=40, lr=0.01)  # 6 steps per epoch
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2, step 3.*last good checkpoint.*t-last"):
-        fit(NaNAfter(mlp(0), 8), blobs(), None, cfg, name="t", checkpoint_dir=tmp_path)
+        fit(NaNAfter(mlp(0, dropout=0.1), 8), blob_split(), None, cfg, name="t", checkpoint_dir=tmp_path)
     from distil.checkpoint import load_tensors
 
     tensors, meta = load_tensors(tmp_path / "t-last.safetensors")
@@ -87,51 +58,53 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_early_stopping_stops_after_patience_without_improvement():
     cfg = TrainConfig(epochs=10, batch_size=32, lr=1e-12, patience=2, schedule="constant")
-    result = fit(ClassificationTask(mlp(0)), blobs(), blobs(60, seed=1), cfg)
+    result = fit(ClassificationTask(mlp(0, dropout=0.1)), blob_split(), blob_split(60, seed=1), cfg)
     assert result.stopped_early and len(result.history) == 3  # best at epoch 1, then 2 without gain
 
 
 @pytest.mark.parametrize("with_dir", [True, False])
 def test_best_weights_are_restored(tmp_path, with_dir):
-    model = mlp(0)
+    model = mlp(0, dropout=0.1)
     cfg = TrainConfig(epochs=4, batch_size=32, lr=3.0, optimizer="sgd")  # a wild lr: val accuracy jumps around
-    result = fit(ClassificationTask(model), blobs(), blobs(60, seed=1), cfg, checkpoint_dir=tmp_path if with_dir else None)
-    assert accuracy(model, blobs(60, seed=1)) == pytest.approx(result.best_score)
+    result = fit(ClassificationTask(model), blob_split(), blob_split(60, seed=1), cfg,
+                 checkpoint_dir=tmp_path if with_dir else None)
+    assert accuracy(model, blob_split(60, seed=1)) == pytest.approx(result.best_score)
 
 
 def test_empty_training_split_is_a_clear_error():
     empty = Split(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
     with pytest.raises(DataError, match="training split of stage 'x' is empty"):
-        fit(ClassificationTask(mlp(0)), empty, None, TrainConfig(), name="x")
+        fit(ClassificationTask(mlp(0, dropout=0.1)), empty, None, TrainConfig(), name="x")
 
 
 def test_distillation_trains_the_student_only_and_learns_from_unlabeled_samples():
-    teacher = mlp(0)
-    fit(ClassificationTask(teacher), blobs(), None, TrainConfig(epochs=6, batch_size=32, lr=0.02))
+    teacher = mlp(0, dropout=0.1)
+    fit(ClassificationTask(teacher), blob_split(), None, TrainConfig(epochs=6, batch_size=32, lr=0.02))
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student = mlp(1)
-    unlabeled = blobs(240, seed=5)
+    student = mlp(1, dropout=0.1)
+    unlabeled = blob_split(240, seed=5)
     only_soft = Split(unlabeled.x, torch.full((240,), -1))  # no labels at all: KD alone must teach it
     fit(Distiller(student, teacher, [KD(T=2, weight=1.0), CE(weight=0.0)]), only_soft, None,
         TrainConfig(epochs=8, batch_size=32, lr=0.02))
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
-    assert accuracy(student, blobs(300, seed=2)) > 0.85
+    assert accuracy(student, blob_split(300, seed=2)) > 0.85
 
 
 @pytest.mark.parametrize("bad", [3, 7, -2])
 def test_a_label_outside_the_class_range_is_a_clear_error_before_training(bad):
-    data = blobs()
+    data = blob_split()
     y = data.y.clone()
     y[17] = bad
     with pytest.raises(DataError, match=rf"label {bad} \(sample 17\) is outside the model's 3 classes"):
-        fit(ClassificationTask(mlp(0)), Split(data.x, y), None, TrainConfig(epochs=1, batch_size=32))
+        fit(ClassificationTask(mlp(0, dropout=0.1)), Split(data.x, y), None, TrainConfig(epochs=1, batch_size=32))
 
 
 def test_a_label_outside_the_class_range_in_a_dataset_is_a_clear_error():
     from torch.utils.data import TensorDataset
 
-    data = blobs()
+    data = blob_split()
     y = data.y.clone()
     y[200:] = 5  # not in the first batch: found by the step, not by the dry run
     with pytest.raises(DataError, match=r"batch.s labels: Target 5 is out of bounds. Labels must be 0..K-1"):
-        fit(ClassificationTask(mlp(0)), TensorDataset(data.x, y), None, TrainConfig(epochs=1, batch_size=32))
+        fit(ClassificationTask(mlp(0, dropout=0.1)), TensorDataset(data.x, y), None,
+            TrainConfig(epochs=1, batch_size=32))

@@ -39,7 +39,8 @@ class TrainConfig(_Section):
     milestones: list[int] = Field(default_factory=list)  # epochs at which lr *= gamma, "multistep" only
     gamma: float = Field(0.1, gt=0)
     patience: int | None = Field(None, ge=1)
-    workers: int = Field(0, ge=0)  # DataLoader worker processes for Dataset sources (in-memory data needs none)
+    workers: int = Field(2, ge=0)  # DataLoader worker processes reading a Dataset source (image files); 0: the
+    #                                main process. In-memory data (a Split) is batched by indexing and needs none
 
 
 TrainSection = TrainConfig  # the recipe's name for it
