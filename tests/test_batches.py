@@ -306,3 +306,52 @@ def test_a_term_that_is_no_module_works_or_is_a_clear_error():
     else:
         x, y = blobs(8)
         assert set(distiller(Batch(x, y)).parts) == {"kd", "plain"}
+
+
+def test_cached_teacher_logits_with_random_augmentation_are_refused():
+    x, y = blobs(96)
+    distiller = Distiller(mlp(0), mlp(1), [KD(), CE()])
+    cached = distiller.with_teacher_logits(Split(x, y))
+    with pytest.raises(ConfigError, match="cached teacher logits cannot be used with random augmentation"):
+        fit(distiller, cached, None, TrainConfig(epochs=1, batch_size=16), augment=lambda inputs, gen: inputs)
+
+
+class Broken(Dataset):
+    """A Dataset whose item 5 cannot be read, as a corrupt image file."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int):
+        if i == 5:
+            raise DataError("cannot read image /data/cat/5.png: truncated file")
+        return torch.zeros(4), 0
+
+
+def test_an_error_in_a_loader_worker_keeps_its_own_message():
+    with pytest.raises(DataError) as caught:
+        fit(ClassificationTask(mlp(0)), Broken(), None, TrainConfig(epochs=1, batch_size=8, workers=2))
+    assert str(caught.value) == "cannot read image /data/cat/5.png: truncated file"
+
+
+def test_an_index_error_inside_a_model_is_not_taken_for_a_label_error():
+    class Indexing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x)[:, [0, 1, 7]] if self.training else self.fc(x)  # a bug in the user's model
+
+    with pytest.raises(IndexError, match="out of bounds"):
+        fit(ClassificationTask(Indexing()), Split(*blobs(96)), None, TrainConfig(epochs=1, batch_size=16))
+
+
+def test_a_users_shuffling_loader_leaves_the_global_rng_alone():
+    x, y = blobs(96)
+    loader = DataLoader(Pairs(x, y), batch_size=16, shuffle=True)  # RandomSampler seeds itself from the global RNG
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    batches = list(Batches(loader, 16).epoch(0))
+    assert len(batches) == 6 and torch.equal(torch.rand(3), expected)

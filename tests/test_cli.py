@@ -207,3 +207,9 @@ def test_a_device_that_is_not_there_exits_2_before_training(tmp_path, tiny_recip
     out = fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r"), "--device",
                          "cuda"], "device 'cuda': no CUDA GPU is available")
     assert "teacher" not in out.split("error:")[0].split("run folder")[-1]  # no stage started
+
+
+def test_brackets_in_an_error_message_are_printed_as_written(tmp_path, tiny_recipe):
+    tiny_recipe["distill"]["terms"].append({"kind": "fitnet", "student": "layer[1]", "teacher": "layer1"})
+    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")],
+                  "the student has no module named 'layer[1]'")

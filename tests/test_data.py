@@ -132,3 +132,25 @@ def test_a_csv_cell_that_is_not_a_finite_number_is_named_at_load_time(tmp_path, 
     (tmp_path / "t.csv").write_text(f"a,label,b\n1,x,2\n3,y,4\n5,x,{cell}\n")
     with pytest.raises(DataError, match=rf"t.csv, line 4, column 'b': the value '{cell}' is not a finite number"):
         load_splits("csv", {"path": str(tmp_path / "t.csv")}, seed=0)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("a,b,label\n1,2,x\n3,4,y,5\n", r"line 3: 4 cells where the header has 3"),
+    ("a,b,label\n1,2,x\n3,4,\n", r"line 3: the label column 'label' is empty"),
+])
+def test_malformed_csv_rows_are_named_by_line(tmp_path, text, match):
+    (tmp_path / "t.csv").write_text(text)
+    with pytest.raises(DataError, match=match):
+        load_splits("csv", {"path": str(tmp_path / "t.csv")}, seed=0)
+
+
+def test_blank_lines_in_a_csv_are_skipped(tmp_path):
+    rows = "".join(f"{i},{i % 3},{'xyz'[i % 3]}\n" for i in range(30))
+    (tmp_path / "t.csv").write_text("a,b,label\n" + rows + "\n\n")
+    assert load_splits("csv", {"path": str(tmp_path / "t.csv")}, seed=0).num_classes == 3
+
+
+def test_an_image_size_below_one_is_refused(tmp_path):
+    (tmp_path / "img" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match="image_size must be at least 1"):
+        load_splits("imagefolder", {"path": str(tmp_path / "img"), "image_size": 0}, seed=0)

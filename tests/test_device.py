@@ -104,21 +104,22 @@ def test_load_tensors_puts_them_on_the_device_asked_for(tmp_path):
     assert tensors["a"].device.type == "cpu"
 
 
-def test_a_resumed_bf16_run_equals_the_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])  # fp16: the loss scale is resumed too
+def test_a_resumed_low_precision_run_equals_the_uninterrupted_one(tmp_path, precision):
     cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05, optimizer="sgd", schedule="cosine")
     train, val = blob_split(), blob_split(60, seed=1)
     full = mlp(0)
-    fit(ClassificationTask(full), train, val, cfg, precision="bf16", checkpoint_dir=tmp_path / "a")
+    fit(ClassificationTask(full), train, val, cfg, precision=precision, checkpoint_dir=tmp_path / "a")
 
     def stop_after_two(record):
         if record["epoch"] == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(ClassificationTask(mlp(0)), train, val, cfg, precision="bf16", checkpoint_dir=tmp_path / "b",
+        fit(ClassificationTask(mlp(0)), train, val, cfg, precision=precision, checkpoint_dir=tmp_path / "b",
             on_epoch=stop_after_two)
     resumed = mlp(123)  # another init: everything must come from the checkpoint
-    result = fit(ClassificationTask(resumed), train, val, cfg, precision="bf16", checkpoint_dir=tmp_path / "b")
+    result = fit(ClassificationTask(resumed), train, val, cfg, precision=precision, checkpoint_dir=tmp_path / "b")
     assert len(result.history) == 4
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -167,3 +168,18 @@ def test_a_nan_in_the_first_epoch_keeps_no_checkpoint(tmp_path):
         fit(task, blob_split(), None, TrainConfig(epochs=2, batch_size=2, lr=0.01), name="t", checkpoint_dir=tmp_path)
     assert "checkpoint" not in str(err.value)
     assert task.calls == 100 and not (tmp_path / "t-last.safetensors").exists()
+
+
+def test_the_fp16_loss_scale_is_checkpointed_and_resumed(tmp_path):
+    from distil.train import FitResult, _resume, _save_state, make_optimizer, make_scheduler
+
+    model, cfg = mlp(0), TrainConfig(epochs=1, lr=0.1)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, 1)
+    scaler = grad_scaler(torch.device("cpu"), "fp16")
+    scaler.scale(torch.ones(()))  # the scale exists from the first step on
+    scaler.update(new_scale=128.0)  # as after overflowing steps halved it
+    _save_state(tmp_path / "s.safetensors", model, optimizer, scheduler, scaler, FitResult())
+    fresh = grad_scaler(torch.device("cpu"), "fp16")
+    _resume(tmp_path / "s.safetensors", mlp(1), make_optimizer(mlp(1), cfg), scheduler, fresh)
+    assert fresh.get_scale() == 128.0

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from distil import CE, KD, Distiller, TrainConfig, fit
-from distil.build import build_augment, load_recipe
+from distil.build import augment_and_normalize, load_recipe
 from distil.data import load_splits
 from distil.errors import DataError
 from distil.images import ImageFiles
@@ -127,7 +127,7 @@ def crops_and_flips(image: torch.Tensor, padding: int = 2) -> list[torch.Tensor]
 
 def test_augmented_views_change_between_epochs_and_student_and_teacher_see_the_same(png_folder):
     splits = load_splits("imagefolder", {"path": str(png_folder), "image_size": 12}, seed=0)
-    augment, stats = build_augment(AUGMENT)
+    augment, stats = augment_and_normalize(AUGMENT)
     assert stats is None and len(augment) == 2
     torch.manual_seed(0)
     student = Recorder(nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 3)))  # (B, 3, 12, 12) -> (B, 432) -> (B, 3)

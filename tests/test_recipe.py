@@ -135,3 +135,10 @@ def test_multistep_schedule_needs_milestones():
     assert lrs == [1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25]  # x0.5 after epochs 1 and 3 (2 steps each)
     with pytest.raises(ConfigError, match="needs milestones"):
         make_scheduler(optimizer, cfg.model_copy(update={"milestones": []}), 2)
+
+
+def test_a_multistep_schedule_without_milestones_is_refused_at_load_time():
+    with pytest.raises(RecipeError, match=r"'student.train'.*multistep' needs milestones"):
+        load_recipe({"student": {"train": {"schedule": "multistep"}}})
+    with pytest.raises(RecipeError, match="each must be at least 1"):
+        load_recipe({"student": {"train": {"schedule": "multistep", "milestones": [0, 3]}}})

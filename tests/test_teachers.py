@@ -237,3 +237,21 @@ def test_to_cuda_moves_the_teachers():
         assert all(p.device.type == "cuda" for p in model.parameters())
     x, y = blobs(4)
     assert distiller(Batch(x, y).to(torch.device("cuda"))).loss.device.type == "cuda"
+
+
+def test_connectors_are_built_on_the_students_device():
+    from conftest import Tiny
+
+    student, teacher = Tiny(2).to("meta"), Tiny(4).to("meta")  # a device other than the CPU, with no GPU
+    distiller = Distiller(student, teacher, [FitNet(student="layer1", teacher="layer1")])
+    distiller.prepare(Batch(torch.empty(2, 1, 4, 4, device="meta"), torch.zeros(2, dtype=torch.long)))
+    assert {p.device.type for p in distiller.terms.parameters()} == {"meta"}
+
+
+def test_every_module_move_reaches_the_teachers():
+    teacher = mlp(1)
+    distiller = Distiller(mlp(0), {"t": teacher}, [KD()])
+    distiller.double()
+    assert next(teacher.parameters()).dtype == torch.float64
+    distiller.float().cpu()
+    assert next(teacher.parameters()).dtype == torch.float32

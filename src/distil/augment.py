@@ -20,12 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distil.binding import bind_kwargs
 from distil.errors import ConfigError, DataError, RecipeError, did_you_mean
-
-try:
-    from distil.binding import bind_kwargs
-except ImportError:  # older trees keep it in recipe.py; the function is the same
-    from distil.recipe import bind_kwargs
 
 
 class AugmentOp(Protocol):

@@ -116,6 +116,23 @@ def to_batch(item) -> Batch:
                                                              else "") + ".")
 
 
+def _next(iterator):
+    """The next item of a DataLoader, or None at the end; an error raised in a worker process keeps its own
+    message, without the worker's traceback that torch wraps around it."""
+    from distil.errors import DistilError
+
+    try:
+        return next(iterator)
+    except StopIteration:
+        return None
+    except DistilError as err:
+        message = str(err)
+        if "Original Traceback" not in message:
+            raise
+        last = message.strip().splitlines()[-1]
+        raise type(err)(last.split(": ", 1)[1] if ": " in last else last) from None
+
+
 class Batches:
     """The batches of `data` epoch by epoch: a `Split` (fast path), a map-style `Dataset` or a `DataLoader`.
 
@@ -158,18 +175,22 @@ class Batches:
         for sampler in (getattr(self.loader, "sampler", None), getattr(self.loader.batch_sampler, "sampler", None)):
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
-        with torch.random.fork_rng(devices=[]):  # the loader draws its workers' seed from the global RNG: keep
-            iterator = iter(self.loader)  # that stream for dropout, as on the in-memory path
-        for item in iterator:
+        with torch.random.fork_rng(devices=[]):  # a loader draws its seeds (workers, RandomSampler) from the
+            iterator = iter(self.loader)  # global RNG on creation and first fetch: keep that stream for dropout,
+            first = _next(iterator)  # as on the in-memory path
+        if first is None:
+            return
+        yield to_batch(first)
+        while (item := _next(iterator)) is not None:
             yield to_batch(item)
 
     def _split_epoch(self, epoch: int) -> Iterator[Batch]:
         split, size = self.data, self.batch_size
         n = len(split)
-        order = epoch_order(n, self.seed, epoch) if self.shuffle else None
+        order = epoch_order(n, self.seed, epoch).to(split.x.device) if self.shuffle else None  # one copy per epoch
         for start in range(0, n - size + 1 if self.drop_last else n, size):
-            idx = order[start:start + size] if order is not None else torch.arange(start, min(n, start + size))
-            idx = idx.to(split.x.device, non_blocking=True)  # index_select: faster than t[idx] on the CPU
+            idx = order[start:start + size] if order is not None else torch.arange(
+                start, min(n, start + size), device=split.x.device)  # index_select: faster than t[idx] on the CPU
             cached = {name: logits.index_select(0, idx) for name, logits in (split.teacher_logits or {}).items()}
             yield Batch(split.x.index_select(0, idx), split.y.index_select(0, idx), idx, None, cached)
 

@@ -47,7 +47,7 @@ def check_references(recipe: Recipe) -> None:
         raise RecipeError("export.calibration_samples is 0: static quantization needs a calibration set. "
                           "Set it to e.g. 512, or export.quantization: dynamic.")
     build_terms(recipe.distill.terms)
-    build_augment(recipe.data.augment)
+    augment_and_normalize(recipe.data.augment)
 
 
 def build_terms(specs: list[dict[str, Any]]) -> list:
@@ -73,7 +73,7 @@ def build_terms(specs: list[dict[str, Any]]) -> list:
     return terms
 
 
-def build_augment(specs: list[dict[str, Any]]):
+def augment_and_normalize(specs: list[dict[str, Any]]):
     """`data.augment` -> (train-time `Augment` of the random ops, normalisation (mean, std) or None)."""
     from distil.augment import build_augment as build
 

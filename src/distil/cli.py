@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -32,7 +33,7 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 def _fail(err: Exception) -> None:
     if _state["debug"]:
         raise err
-    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -47,8 +48,8 @@ class _EpochProgress:
 
     def epoch(self, record: dict) -> None:
         parts = " ".join(f"{k}={v:.3f}" for k, v in record["parts"].items())
-        val = "-" if record["val_acc"] is None else f"{record['val_acc']:.3f}"
-        info = f"{parts}  val_acc={val}  {record['samples_per_s']:,.0f} samples/s"
+        metric, value = next(((k, v) for k, v in record.items() if k.startswith("val_")), ("val", None))
+        info = f"{parts}  {metric}={'-' if value is None else f'{value:.3f}'}  {record['samples_per_s']:,.0f} samples/s"
         self.progress.update(self.task, completed=record["epoch"], info=info)
         total = self.progress.tasks[self.task].total
         every = max(1, int(total) // 20)  # a log file gets a plain line per epoch, at most ~20 per stage

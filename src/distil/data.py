@@ -215,45 +215,44 @@ def csv(path: str, label: str = "label", transfer_path: str | None = None) -> Ra
 
 
 def _read_csv(path: str, label: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features (N, D) float32, class codes (N,) and class names of a CSV file; every problem names its line."""
     import csv as csvlib
 
     if not Path(path).is_file():
         raise DataError(f"CSV file not found: {path}. Check data.args.path.")
     with open(path, newline="") as f:
-        rows = list(csvlib.reader(f))
-    if len(rows) < 2:
+        lines = [(number, row) for number, row in enumerate(csvlib.reader(f), start=1) if any(c.strip() for c in row)]
+    if len(lines) < 2:
         raise DataError(f"{path} has no data rows (a header line and at least one row are needed)")
-    header, body = rows[0], rows[1:]
+    (_, header), body = lines[0], lines[1:]
     if label is not None and label not in header:
         raise DataError(f"{path} has no column '{label}' (columns: {header}). Set data.args.label.")
-    col = col_index(header, label)
-    features = [[v for i, v in enumerate(r) if i != col] for r in body]
-    names = [h for i, h in enumerate(header) if i != col_index(header, label)]
-    try:
-        x = np.array(features, dtype=np.float32)
-        bad = np.argwhere(~np.isfinite(x))
-    except ValueError:  # a cell that is not a number at all: find the first one
-        bad = [(r, c) for r, row in enumerate(features) for c, v in enumerate(row) if not _is_number(v)][:1]
-    if len(bad):
-        row, col = bad[0]
-        raise DataError(f"{path}, line {row + 2}, column '{names[col]}': the value {features[row][col]!r} is not a "
-                        "finite number. Every feature cell must be a number: fill or drop missing values first.")
-    if col is None:
+    label_col = header.index(label) if label is not None else None
+    feature_names = [h for i, h in enumerate(header) if i != label_col]
+    for number, row in body:
+        if len(row) != len(header):
+            raise DataError(f"{path}, line {number}: {len(row)} cells where the header has {len(header)}. "
+                            "Every row needs one value per column.")
+        if label_col is not None and not row[label_col].strip():
+            raise DataError(f"{path}, line {number}: the label column '{label}' is empty. Label every row, or "
+                            "move unlabeled rows to a transfer file (data.args.transfer_path).")
+        for col, value in enumerate(v for i, v in enumerate(row) if i != label_col):
+            if not _is_number(value):
+                raise DataError(f"{path}, line {number}, column '{feature_names[col]}': the value {value!r} is not "
+                                "a finite number. Every feature cell must be a number: fill or drop missing values.")
+    x = np.array([[float(v) for i, v in enumerate(row) if i != label_col] for _, row in body], dtype=np.float32)
+    if label_col is None:
         return x, np.zeros(0), []
-    names = sorted({r[col] for r in body})
-    y = np.array([names.index(r[col]) for r in body])
-    return x, y, names
+    class_names = sorted({row[label_col] for _, row in body})
+    codes = {name: code for code, name in enumerate(class_names)}
+    return x, np.array([codes[row[label_col]] for _, row in body]), class_names
 
 
 def _is_number(value: str) -> bool:
     try:
-        return np.isfinite(float(value))
+        return bool(np.isfinite(float(value)))
     except ValueError:
         return False
-
-
-def col_index(header: list[str], label: str | None) -> int | None:
-    return header.index(label) if label is not None else None
 
 
 SOURCES = {"mnist1d": mnist1d, "digits": digits, "npz": npz, "imagefolder": imagefolder, "csv": csv, "cifar": cifar}

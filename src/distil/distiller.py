@@ -157,10 +157,11 @@ class Distiller(nn.Module):
             teacher.eval()
         return self
 
-    def to(self, *args, **kwargs) -> Distiller:
-        super().to(*args, **kwargs)
+    def _apply(self, fn, recurse: bool = True):
+        """`to`, `cuda`, `cpu`, `double`, `half`... reach the teachers too (they are not submodules)."""
+        super()._apply(fn, recurse)
         for _, teacher in self._teachers:
-            teacher.to(*args, **kwargs)
+            teacher._apply(fn, recurse)
         return self
 
     def compile(self) -> None:

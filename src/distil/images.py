@@ -35,6 +35,8 @@ def imagefolder(path: str, image_size: int = 32, grayscale: bool = False, transf
     """A folder of class folders of images (`path/<class>/*.png`); images are read lazily, resized to
     `image_size` x `image_size`."""
     root = Path(path)
+    if image_size < 1:
+        raise DataError(f"data.args.image_size must be at least 1 (pixels per side), got {image_size}")
     if not root.is_dir():
         raise DataError(f"image folder not found: {path}. Expected path/<class name>/<image files>.")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())

@@ -228,7 +228,8 @@ class FitNet(_FeaturePair):
         """Create the connector from one dry-run batch's feature shapes."""
         student_feat, teacher_feat = self.pair(views)
         where = f"student '{self.student_layer}' -> teacher '{self.teacher_layer}'"
-        self.connector = build_connector(tuple(student_feat.shape), tuple(teacher_feat.shape), where)
+        self.connector = build_connector(tuple(student_feat.shape), tuple(teacher_feat.shape), where).to(
+            student_feat.device)
 
     def forward(self, views: Views) -> torch.Tensor:
         student_feat, teacher_feat = self.pair(views)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from distil.build import build_augment
+from distil.build import augment_and_normalize
 from distil.checkpoint import atomic_write
 from distil.data import load_splits
 from distil.device import check_precision, resolve_device
@@ -86,7 +86,7 @@ def open_run(recipe: Recipe, run_dir: Path, force: bool = False, on_epoch=None, 
              only: str | None = None) -> Run:
     """Load the data and check the models first: a recipe that cannot run never touches the folder."""
     check_precision(recipe.precision, resolve_device(recipe.device))  # before any data is read
-    augment, normalize = build_augment(recipe.data.augment)
+    augment, normalize = augment_and_normalize(recipe.data.augment)
     splits = load_splits(recipe.data.source, recipe.data.args, recipe.seed, recipe.data.val_fraction,
                          recipe.data.test_fraction, normalize)
     run = Run(recipe, Path(run_dir), splits, on_epoch, on_stage, augment or None)

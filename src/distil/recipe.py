@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distil.errors import DistilError, RecipeError, did_you_mean
 
@@ -41,6 +41,16 @@ class TrainConfig(_Section):
     patience: int | None = Field(None, ge=1)
     workers: int = Field(2, ge=0)  # DataLoader worker processes reading a Dataset source (image files); 0: the
     #                                main process. In-memory data (a Split) is batched by indexing and needs none
+
+
+    @model_validator(mode="after")
+    def _milestones_fit(self) -> TrainConfig:
+        if self.schedule == "multistep" and not self.milestones:
+            raise ValueError("schedule 'multistep' needs milestones: the epochs at which lr is multiplied by gamma, "
+                             "e.g. milestones: [150, 180, 210]")
+        if any(m < 1 for m in self.milestones):  # beyond `epochs` is allowed: a shortened run never reaches them
+            raise ValueError(f"milestones {self.milestones} are epochs: each must be at least 1")
+        return self
 
 
 TrainSection = TrainConfig  # the recipe's name for it

@@ -144,8 +144,10 @@ def plot_training(history: list[dict], path: Path) -> Path:
         axes[0][col].set_yscale("log")
         if records:
             axes[0][col].legend(fontsize=7)
-        axes[1][col].plot(epochs, [r["val_acc"] for r in records], color="black")
-        axes[1][col].set_title(f"{stage}: validation accuracy", fontsize=9)
+        metric = next((k for r in records for k in r if k.startswith("val_")), "val_acc")  # the task's metric
+        axes[1][col].plot(epochs, [r.get(metric) for r in records], color="black")
+        title = "validation accuracy" if metric == "val_acc" else f"validation {metric.removeprefix('val_')}"
+        axes[1][col].set_title(f"{stage}: {title}", fontsize=9)
         axes[1][col].set_xlabel("epoch")
     fig.tight_layout()
     return _save(fig, path)

@@ -70,6 +70,10 @@ def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: in
     check_precision(precision, where)
     env = _Env(where, precision, grad_scaler(where, precision), augment, seed)
     torch.manual_seed(seed)
+    if augment is not None and isinstance(train, Split) and train.teacher_logits:
+        raise ConfigError("cached teacher logits cannot be used with random augmentation: the teacher must see the "
+                          "student's augmented view. Pass the split without cached logits (the teacher then runs "
+                          "at every step), or turn augmentation off for distillation.")
     batches = _batches(train, cfg, env, shuffle=True)
     if len(batches) == 0:
         raise DataError(f"the training split of stage '{name}' is empty: check the data source")
@@ -80,7 +84,7 @@ def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: in
     if checkpoint_dir is not None:
         folder = Path(checkpoint_dir)
         last, best = folder / f"{name}-last.safetensors", folder / f"{name}-best.safetensors"
-    result = _resume(last, module, optimizer, scheduler) if last and last.exists() else FitResult()
+    result = _resume(last, module, optimizer, scheduler, env.scaler) if last and last.exists() else FitResult()
     val_batches = _batches(val, cfg, env, shuffle=False) if val is not None and len(val) else None
     for epoch in range(len(result.history), 0 if result.stopped_early else cfg.epochs):
         progress = Progress(epoch, epoch * len(batches), len(batches), cfg.epochs)
@@ -91,7 +95,7 @@ def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: in
         result.history.append(record)
         result.stopped_early = cfg.patience is not None and epoch - result.best_epoch >= cfg.patience
         if last is not None:
-            _save_state(last, module, optimizer, scheduler, result)
+            _save_state(last, module, optimizer, scheduler, env.scaler, result)
         _emit(record, log_path, on_epoch)
         if result.stopped_early:
             break
@@ -127,6 +131,7 @@ def _prepare(task: Task, batches: Batches, train, env: _Env, compile: bool) -> n
         first = first.with_inputs(env.augment(first.inputs, torch.Generator().manual_seed(env.seed)))
     with autocast(env.device, env.precision):
         task.prepare(first)
+    task.to(env.device)  # what the dry run built (connectors) goes to the device too
     if isinstance(train, Split):
         task.check_targets(train.y)
     module = task.trainable_module()
@@ -142,7 +147,8 @@ def _train_epoch(task: Task, batches: Batches, optimizer, scheduler, env: _Env, 
     """One pass over the training batches; returns mean loss parts and speed."""
     module = task.trainable_module()
     module.train()
-    torch.manual_seed(env.seed * 1000 + progress.epoch)  # dropout etc.: same stream whether resumed or not
+    # dropout etc.: the same stream whether resumed or not, and apart from the shuffle's (seed * 1000 + epoch)
+    torch.manual_seed(env.seed * 1000 + progress.epoch + 2**32)
     views = torch.Generator().manual_seed(env.seed * 1000 + progress.epoch + 10**9)  # augmentation; resumable too
     parts: list[torch.Tensor] = []  # per step, the loss parts stacked (on the device; summed once per epoch)
     losses: list[torch.Tensor] = []  # on the device; read every CHECK_EVERY steps
@@ -173,7 +179,9 @@ def _step(task: Task, batch: Batch, optimizer, env: _Env, progress: Progress):
     try:
         with autocast(env.device, env.precision):
             out = task.forward(batch, progress)
-    except IndexError as err:  # a label out of range in data the loop could not check up front
+    except IndexError as err:  # a label out of range in data the loop could not check up front (on the CPU;
+        if "out of bounds" not in str(err) or "Target" not in str(err):  # a GPU stops with a device-side assert)
+            raise
         raise DataError(f"a training step failed on the batch's labels: {str(err).rstrip('.')}. Labels must be "
                         "0..K-1 for a model with K outputs (or -1 for unlabeled samples).") from err
     optimizer.zero_grad(set_to_none=True)
@@ -267,7 +275,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 # --- resumable state: module + optimiser tensors in safetensors, the rest as JSON metadata ---
 
 
-def _save_state(path: Path, module: nn.Module, optimizer, scheduler, result: FitResult) -> None:
+def _save_state(path: Path, module: nn.Module, optimizer, scheduler, scaler, result: FitResult) -> None:
     tensors = {f"module.{k}": v for k, v in module.state_dict().items()}
     opt = optimizer.state_dict()
     scalars = {}
@@ -280,13 +288,14 @@ def _save_state(path: Path, module: nn.Module, optimizer, scheduler, result: Fit
     sched = scheduler.state_dict()
     meta = {"param_groups": opt["param_groups"], "optim_scalars": scalars, "scheduler": sched,
             "history": result.history, "best_score": result.best_score, "best_epoch": result.best_epoch,
-            "stopped_early": result.stopped_early}
+            "stopped_early": result.stopped_early, "scaler": scaler.state_dict() if scaler.is_enabled() else None}
     save_tensors(path, tensors, meta)
 
 
-def _resume(path: Path, module: nn.Module, optimizer, scheduler) -> FitResult:
-    device = next(module.parameters(), torch.empty(0)).device
-    tensors, meta = load_tensors(path, device=device)
+def _resume(path: Path, module: nn.Module, optimizer, scheduler, scaler) -> FitResult:
+    # read onto the CPU: load_state_dict copies weights to the module's device and moves optimiser state to its
+    # parameters' device, except Adam's `step`, which must stay on the CPU (a device `step` costs a sync per step)
+    tensors, meta = load_tensors(path)
     module.load_state_dict({k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -298,6 +307,8 @@ def _resume(path: Path, module: nn.Module, optimizer, scheduler) -> FitResult:
         state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
+    if meta.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(meta["scaler"])
     log.info("resumed from %s after epoch %d", path, len(meta["history"]))
     best = meta.get("best_score", meta.get("best_val_acc", -1.0))  # best_val_acc: checkpoints of distil 0.1
     return FitResult(meta["history"], best, meta["best_epoch"], meta["stopped_early"])

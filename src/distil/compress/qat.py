@@ -27,7 +27,8 @@ def fake_quantize(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, signed
     """
     if signed:
         scale = torch.clamp(torch.maximum(low.abs(), high.abs()) / 127.0, min=1e-8)
-        return torch.fake_quantize_per_tensor_affine(x, scale.float(), torch.zeros((), dtype=torch.int32), -127, 127)
+        zero_point = torch.zeros((), dtype=torch.int32, device=x.device)
+        return torch.fake_quantize_per_tensor_affine(x, scale.float(), zero_point, -127, 127)
     low, high = torch.clamp(low, max=0.0), torch.clamp(high, min=0.0)  # 0 must be exact
     scale = torch.clamp((high - low) / 255.0, min=1e-8)
     zero_point = torch.clamp(torch.round(-low / scale), 0, 255).to(torch.int32)
@@ -54,10 +55,10 @@ class InputFakeQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             low, high = x.detach().min(), x.detach().max()
-            if not bool(self.seen):
-                self.low.copy_(low), self.high.copy_(high), self.seen.fill_(True)
-            else:
-                self.low.lerp_(low, self.momentum), self.high.lerp_(high, self.momentum)
+            # the first batch sets the range, later ones move it; chosen on the device, without a host read
+            self.low.copy_(torch.where(self.seen, self.low.lerp(low, self.momentum), low))
+            self.high.copy_(torch.where(self.seen, self.high.lerp(high, self.momentum), high))
+            self.seen.fill_(True)
         return fake_quantize(x, self.low, self.high, signed=False)
 
 
