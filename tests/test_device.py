@@ -183,3 +183,12 @@ def test_the_fp16_loss_scale_is_checkpointed_and_resumed(tmp_path):
     fresh = grad_scaler(torch.device("cpu"), "fp16")
     _resume(tmp_path / "s.safetensors", mlp(1), make_optimizer(mlp(1), cfg), scheduler, fresh)
     assert fresh.get_scale() == 128.0
+
+
+@pytest.mark.slow
+def test_compile_trains_and_keeps_the_state_dict_keys():
+    model = mlp(0)
+    keys = list(model.state_dict())
+    fit(ClassificationTask(model), blob_split(), None, TrainConfig(epochs=3, batch_size=32, lr=0.02), compile=True)
+    assert list(model.state_dict()) == keys  # checkpoints stay loadable without torch.compile
+    assert accuracy(model, blob_split(300, seed=2)) > 0.85

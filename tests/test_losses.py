@@ -332,3 +332,13 @@ def test_a_feature_term_with_a_wrong_layer_name_fails_at_construction():
         Distiller(Tiny(2), Tiny(4), [FitNet(student="layer1", teacher="layr1")])
     with pytest.raises(TapError, match=r"the student has no module named 'fcc'.*fc"):
         Distiller(Tiny(2), Tiny(4), [AT(student="fcc", teacher="layer1")])
+
+
+def test_library_errors_on_bad_arguments_are_distil_errors_the_cli_catches():
+    from distil.errors import ConfigError, DistilError
+
+    for make in (lambda: KD(T=0), lambda: KD(weight=-1), lambda: CE(label_smoothing=1.5),
+                 lambda: Distiller(Tiny(2), Tiny(4), [])):
+        with pytest.raises(ConfigError) as caught:
+            make()
+        assert isinstance(caught.value, DistilError) and isinstance(caught.value, ValueError)
