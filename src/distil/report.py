@@ -102,8 +102,7 @@ LEGEND = ("file: the deployable file (ONNX where exported, else safetensors); gz
 
 
 def _markdown(models: dict, notes: list[str], title: str, warnings: list[str]) -> str:
-    parts = [f"# {title}", ""] + [f"> **Warning:** {w}\n" for w in warnings] + ["", markdown_table(models), "",
-                                                                                LEGEND, ""]
+    parts = [f"# {title}", ""] + [f"> **Warning:** {w}\n" for w in warnings] + [markdown_table(models), "", LEGEND, ""]
     parts += [f"- {note}" for note in notes] + [""]
     parts += ["## Accuracy against latency and size", "",
               "Filled markers joined by the line are the Pareto front: no other model is both more accurate "
