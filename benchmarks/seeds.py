@@ -13,8 +13,9 @@ import argparse
 import statistics
 from pathlib import Path
 
+from distil.build import load_recipe
 from distil.pipeline import load_metrics, run_pipeline
-from distil.recipe import apply_overrides, load_recipe, read_recipe
+from distil.recipe import apply_overrides, read_recipe
 
 DEFAULT = Path(__file__).parent.parent / "recipes" / "mnist1d.yaml"
 
