@@ -165,10 +165,13 @@ class Distiller(nn.Module):
         return self
 
     def compile(self) -> None:
-        """torch.compile the student and the teachers in place (state_dict keys stay the same)."""
+        """torch.compile the student, the teachers and the loss terms in place (state_dict keys stay the same):
+        the terms' small operations (softmaxes, KL) then fuse into a few kernels, forward and backward."""
         self.student.compile()
         for _, teacher in self._teachers:
             teacher.compile()
+        for term in self.terms:
+            term.compile()
 
     def prepare(self, batch: Batch) -> None:
         """Dry-run one batch: check class counts agree and build connectors from feature shapes."""
