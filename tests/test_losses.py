@@ -243,7 +243,7 @@ def test_fitnet_term_learns_a_connector_that_is_saved_apart_from_the_student(tmp
     distiller.save_connectors(tmp_path / "c.safetensors")
     from safetensors.torch import load_file
 
-    assert set(load_file(tmp_path / "c.safetensors")) == {"0.connector.proj.weight", "0.connector.proj.bias"}
+    assert set(load_file(tmp_path / "c.safetensors")) == {"0.connectors.0.proj.weight", "0.connectors.0.proj.bias"}
 
 
 def test_at_term_refuses_feature_maps_of_different_spatial_size():
@@ -342,3 +342,19 @@ def test_library_errors_on_bad_arguments_are_distil_errors_the_cli_catches():
         with pytest.raises(ConfigError) as caught:
             make()
         assert isinstance(caught.value, DistilError) and isinstance(caught.value, ValueError)
+
+
+def test_a_feature_term_over_several_layer_pairs_is_the_mean_of_its_pairs():
+    torch.manual_seed(0)
+    student, teacher = Tiny(2), Tiny(4)
+    x = torch.randn(3, 1, 4, 4)
+    both = Distiller(student, teacher, [AT(student=["layer1", "layer1"], teacher=["layer1", "layer1"], weight=1.0,
+                                           p=1.0)])
+    one = Distiller(student, teacher, [AT(student="layer1", teacher="layer1", weight=1.0, p=1.0)])
+    for d in (both, one):
+        d.prepare(Batch(x, torch.zeros(3, dtype=torch.long)))
+    assert both.terms[0].name == "at:layer1->layer1,layer1->layer1"
+    same = both(Batch(x, torch.zeros(3, dtype=torch.long))).loss
+    assert same.item() == pytest.approx(one(Batch(x, torch.zeros(3, dtype=torch.long))).loss.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="as many student layers as teacher layers"):
+        FitNet(student=["layer1", "fc"], teacher="layer1")

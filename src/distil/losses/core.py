@@ -1,4 +1,5 @@
-"""Distillation loss terms: one small `nn.Module` per method, with a pure function beside it.
+"""The core of the loss terms: what a step looks like to a term (`Views`), what a term is (`Term`), and the
+two response terms every recipe starts from, hard-label `CE` and Hinton's `KD`.
 
 Every term follows the `Term` protocol: it says what it reads (`reads()`: which teacher, which
 layers), may build connectors from a dry run (`build`), and maps a `Views` (what one forward pass
@@ -19,8 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from distil.batches import Progress
-from distil.connectors import build_connector
-from distil.errors import ConfigError, ModelError, ShapeError
+from distil.errors import ConfigError, ModelError
 
 UNLABELED = -1  # target value of transfer-set samples: no hard label, soft targets only
 STUDENT = "student"  # the participant name of the model being trained
@@ -103,9 +103,6 @@ def check_weight(weight: float, kind: str) -> float:
     return float(weight)
 
 
-# --- pure functions -------------------------------------------------------------------------
-
-
 def ce_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over labelled samples (targets != -1); 0 when none is labelled.
 
@@ -128,27 +125,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
     kl_sum = F.kl_div(student_log_p, teacher_log_p, reduction="sum", log_target=True)
     return kl_sum * (T * T / student_logits.shape[0])  # one multiply: batch mean and T^2 together
 
-
-def fitnet_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
-    """FitNets hint loss: mean squared error between the connected student feature and the teacher's.
-
-    Romero et al. 2015, "FitNets: Hints for Thin Deep Nets". Shapes must already match.
-    """
-    return F.mse_loss(student_feat, teacher_feat)
-
-
-def attention_map(feat: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """Spatial attention: mean over channels of |F|^p, flattened and L2-normalised. (B, C, *S) -> (B, prod(S))."""
-    return F.normalize(feat.abs().pow(p).mean(dim=1).flatten(1), dim=1)
-
-
-def at_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """Attention transfer: mean over batch and positions of (a_s - a_t)^2.
-
-    Zagoruyko & Komodakis 2017, "Paying More Attention to Attention". As in their code, the
-    squared difference is averaged over positions; the paper's beta/2 factor is the term's weight.
-    """
-    return (attention_map(student_feat, p) - attention_map(teacher_feat, p)).pow(2).mean()
 
 
 # --- terms ----------------------------------------------------------------------------------
@@ -198,64 +174,3 @@ class KD(nn.Module):
         if teacher_logits is None:
             raise ModelError("KD needs teacher logits; give the Distiller a teacher")
         return kd_loss(views.student.logits, teacher_logits, self.T)
-
-
-class _FeaturePair(nn.Module):
-    """Shared plumbing of feature terms: which student and teacher module (of which teacher), and the connector."""
-
-    def __init__(self, student: str, teacher: str, weight: float, kind: str, teacher_name: str | None) -> None:
-        super().__init__()
-        self.student_layer, self.teacher_layer = student, teacher
-        self.weight, self.teacher = check_weight(weight, kind), teacher_name
-        owner = "" if teacher_name is None else f"{teacher_name}."
-        self.name = f"{kind}:{student}->{owner}{teacher}"
-        self.connector: nn.Module = nn.Identity()
-
-    def reads(self) -> Reads:
-        return Reads(True, self.teacher, (self.student_layer,), (self.teacher_layer,))
-
-    def pair(self, views: Views) -> tuple[torch.Tensor, torch.Tensor]:
-        return views.student.feats[self.student_layer], views.teacher(self.teacher).feats[self.teacher_layer]
-
-
-class FitNet(_FeaturePair):
-    """`weight * MSE(connector(student[student]), teacher[teacher])`; the connector is learned (see `fitnet_loss`)."""
-
-    def __init__(self, student: str, teacher: str, weight: float = 1.0, teacher_name: str | None = None) -> None:
-        super().__init__(student, teacher, weight, "fitnet", teacher_name)
-
-    def build(self, views: Views) -> None:
-        """Create the connector from one dry-run batch's feature shapes."""
-        student_feat, teacher_feat = self.pair(views)
-        where = f"student '{self.student_layer}' -> teacher '{self.teacher_layer}'"
-        self.connector = build_connector(tuple(student_feat.shape), tuple(teacher_feat.shape), where).to(
-            student_feat.device)
-
-    def forward(self, views: Views) -> torch.Tensor:
-        student_feat, teacher_feat = self.pair(views)
-        return fitnet_loss(self.connector(student_feat), teacher_feat)
-
-
-class AT(_FeaturePair):
-    """`weight * attention transfer` between two feature maps of equal spatial size (see `at_loss`)."""
-
-    def __init__(self, student: str, teacher: str, weight: float = 1000.0, p: float = 2.0,
-                 teacher_name: str | None = None) -> None:
-        super().__init__(student, teacher, weight, "at", teacher_name)
-        self.p = p
-
-    def build(self, views: Views) -> None:
-        student_feat, teacher_feat = self.pair(views)
-        if student_feat.dim() < 3 or student_feat.shape[2:] != teacher_feat.shape[2:]:
-            raise ShapeError(
-                f"attention transfer needs feature maps of the same spatial size: student "
-                f"'{self.student_layer}' gives {list(student_feat.shape)}, teacher '{self.teacher_layer}' "
-                f"gives {list(teacher_feat.shape)}. Pick layers at the same resolution."
-            )
-
-    def forward(self, views: Views) -> torch.Tensor:
-        student_feat, teacher_feat = self.pair(views)
-        return at_loss(student_feat, teacher_feat, self.p)
-
-
-LOSSES: dict[str, type[nn.Module]] = {"ce": CE, "kd": KD, "fitnet": FitNet, "at": AT}

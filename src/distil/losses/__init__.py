@@ -1,0 +1,15 @@
+"""Distillation loss terms: one small `nn.Module` per method, with a pure function beside it.
+
+`core` holds what a term sees (`Views`) and is (`Term`), and `CE`/`KD`; `feature` the terms between named
+layers. `LOSSES` maps a recipe's `kind` to its class; `distil list methods` prints it.
+"""
+
+from torch import nn
+
+from distil.losses.core import CE, KD, STUDENT, UNLABELED, Outputs, Reads, Term, Views, ce_loss, check_weight, kd_loss
+from distil.losses.feature import AT, FeaturePairs, FitNet, at_loss, attention_map, fitnet_loss
+
+LOSSES: dict[str, type[nn.Module]] = {"ce": CE, "kd": KD, "fitnet": FitNet, "at": AT}
+
+__all__ = ["AT", "CE", "KD", "LOSSES", "STUDENT", "UNLABELED", "FeaturePairs", "FitNet", "Outputs", "Reads", "Term",
+           "Views", "at_loss", "attention_map", "ce_loss", "check_weight", "fitnet_loss", "kd_loss"]
