@@ -15,7 +15,7 @@ from distil.data import SOURCES
 from distil.errors import ConfigError, RecipeError, did_you_mean
 from distil.losses import LOSSES
 from distil.models import MODELS, resolve_factory
-from distil.recipe import ModelSection, Recipe, parse_recipe
+from distil.recipe import Recipe, parse_recipe
 
 
 def load_recipe(source: str | Path | dict, where: str = "recipe") -> Recipe:
@@ -31,10 +31,16 @@ def check_references(recipe: Recipe) -> None:
         raise RecipeError(f"data.source: unknown source '{recipe.data.source}'."
                           + did_you_mean(recipe.data.source, SOURCES))
     bind_kwargs(SOURCES[recipe.data.source], recipe.data.args, "data.args")
-    for role in ("teacher", "student"):
-        section: ModelSection = getattr(recipe, role)
+    s = recipe.schemes
+    sections = {"teacher": recipe.teacher, "student": recipe.student,
+                **{f"schemes.teachers.{n}": m for n, m in s.teachers.items()},
+                **{f"schemes.assistants[{i}]": m for i, m in enumerate(s.assistants)},
+                **{f"schemes.mutual[{i}]": m for i, m in enumerate(s.mutual)}}
+    for where, section in sections.items():
         if section.model in MODELS:
-            bind_kwargs(resolve_factory(section.model), section.knobs(), f"{role} (model '{section.model}')")
+            bind_kwargs(resolve_factory(section.model), section.knobs(), f"{where} (model '{section.model}')")
+    if "student" in s.teachers:
+        raise RecipeError("schemes.teachers: 'student' names the model being trained; call the teacher otherwise")
     names = ["teacher", "baseline", "student"]
     if recipe.compress.enabled:
         names += [f"{recipe.compress.source}-pruned", f"{recipe.compress.source}-pruned-labels"]

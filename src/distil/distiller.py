@@ -137,7 +137,9 @@ class Distiller(nn.Module):
         self.teacher_taps = {name: FeatureTaps(model, sorted({n for r, t in zip(reads, self._term_teacher)
                                                               if t == name for n in r.teacher_layers}), name)
                              for name, model in teachers.items()}
-        self.needed = [name for name in teachers if name in self._term_teacher]  # teachers run each step
+        ensembles = [_resolve_ensemble(r.ensemble, teachers) for r in reads if r.ensemble is not None]
+        read = set(self._term_teacher).union(*ensembles)
+        self.needed = [name for name in teachers if name in read]  # teachers run each step
         self.num_classes: int | None = None
 
     @property
@@ -280,6 +282,18 @@ def _resolve_teacher(name: str | None, teachers: dict[str, nn.Module]) -> str:
         raise ConfigError(f"a term reads teacher '{name}', which the Distiller does not have."
                           + did_you_mean(name, teachers))
     return name
+
+
+def _resolve_ensemble(names: tuple[str, ...], teachers: dict[str, nn.Module]) -> set[str]:
+    if not names:
+        return set(teachers)
+    unknown = [n for n in names if n not in teachers]
+    if unknown:
+        from distil.errors import did_you_mean
+
+        raise ConfigError(f"a term reads teacher '{unknown[0]}', which the Distiller does not have."
+                          + did_you_mean(unknown[0], teachers))
+    return set(names)
 
 
 def hinton_terms(T: float = 4.0, alpha: float = 0.9) -> list[nn.Module]:

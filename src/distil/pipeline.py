@@ -37,8 +37,15 @@ def first_changed_stage(recipe: Recipe, run_dir: Path) -> str | None:
     if not saved.exists():
         return None
     old, new = yaml.safe_load(saved.read_text()) or {}, recipe.model_dump(mode="json")
-    changed = [name for name, stage in STAGES.items() if any(old.get(k) != new.get(k) for k in stage.depends)]
+    changed = [name for name, stage in STAGES.items() if any(_at(old, k) != _at(new, k) for k in stage.depends)]
     return changed[0] if changed else None
+
+
+def _at(tree: dict, dotted: str):
+    """The value at a dotted path of a recipe mapping ("schemes.ema"), None where a part is missing."""
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def prepare_run_dir(recipe: Recipe, run_dir: Path, force: bool) -> None:

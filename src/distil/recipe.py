@@ -126,6 +126,20 @@ class ReportSection(_Section):
     #                                       and close to one core of an edge device; `distil bench` shows both
 
 
+class SchemesSection(_Section):
+    """Training schemes beside the plain distillation; each adds its models to the report."""
+
+    # more teachers by name, trained like `teacher` (or loaded from their checkpoint); terms read them by name,
+    # e.g. {kind: kd, teacher: big} or {kind: multi_kd, combine: confidence}
+    teachers: dict[str, ModelSection] = Field(default_factory=dict)
+    assistants: list[ModelSection] = Field(default_factory=list)  # TAKD: teacher -> ta-1 -> ... -> student-takd
+    born_again: int = Field(0, ge=0)  # generations of the teacher's architecture, each taught by the one before
+    mutual: list[ModelSection] = Field(default_factory=list)  # peers that learn together with a fresh student (DML)
+    mutual_T: float = Field(1.0, gt=0)
+    ema: bool = False  # a fresh student taught online by an exponential moving average of itself
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+
+
 class Recipe(_Section):
     name: str = "run"
     seed: int = 0
@@ -136,6 +150,7 @@ class Recipe(_Section):
     teacher: ModelSection = Field(default_factory=lambda: ModelSection(model="cnn1d"))
     student: ModelSection = Field(default_factory=ModelSection)
     distill: DistillSection = Field(default_factory=DistillSection)
+    schemes: SchemesSection = Field(default_factory=SchemesSection)
     compress: CompressSection = Field(default_factory=CompressSection)
     export: ExportSection = Field(default_factory=ExportSection)
     report: ReportSection = Field(default_factory=ReportSection)

@@ -17,135 +17,33 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from distil.build import build_terms
 from distil.checkpoint import atomic_write, load_weights
 from distil.compress.prune import channel_prune, magnitude_prune, make_permanent, sparsity_of
-from distil.data import Data, Split, Splits, in_memory, take
-from distil.device import resolve_device
-from distil.distiller import ClassificationTask, Distiller
-from distil.errors import ConfigError, ModelError, RecipeError
+from distil.distiller import ClassificationTask
 from distil.evaluate import evaluate_model, evaluate_onnx, predict_logits
 from distil.export import export_onnx, has_convolutions, quantize_onnx, run_onnx, session
-from distil.modelfile import load_model_file, save_model_file
-from distil.models import build_model
-from distil.recipe import ModelSection, Recipe, TrainConfig
+from distil.modelfile import load_model_file
+from distil.recipe import Recipe
 from distil.report import with_ratios, write_report
-from distil.train import fit
-
-
-@dataclass
-class Run:
-    """What every stage needs: the recipe, its run folder, the data, and where to send epoch records."""
-
-    recipe: Recipe
-    run_dir: Path
-    splits: Splits
-    on_epoch: Callable[[dict], None] | None = None
-    on_stage: Callable[[str, int], None] | None = None
-    augment: Callable | None = field(default=None)
-
-    def path(self, name: str) -> Path:
-        return self.run_dir / name
-
-    @cached_property
-    def device(self) -> torch.device:
-        return resolve_device(self.recipe.device)
-
-    @cached_property
-    def val(self) -> Split:
-        return in_memory(self.splits.val)
-
-    @cached_property
-    def test(self) -> Split:
-        return in_memory(self.splits.test)
-
-    def model(self, role: str) -> nn.Module:
-        """A freshly initialised teacher or student (seeded, so every build is the same)."""
-        section: ModelSection = getattr(self.recipe, role)
-        torch.manual_seed(self.recipe.seed)
-        return build_model(section.model, self.splits.input_shape, self.splits.num_classes, **section.knobs())
-
-    def check_models(self) -> None:
-        """Fail before any training if a model's output does not fit the data, or a loss term its models."""
-        sample = take(self.splits.train, [0, min(1, len(self.splits.train) - 1)]).x
-        if self.augment:
-            sample = self.augment(sample, torch.Generator().manual_seed(0))
-        models = {}
-        for role in ("teacher", "student"):
-            model = models[role] = self.model(role).eval()
-            name = getattr(self.recipe, role).model
-            with torch.no_grad():
-                try:
-                    logits = model(sample)
-                except Exception as err:  # a user's model may raise anything
-                    raise ModelError(f"the {role} ({name}) fails on inputs of shape {list(sample.shape)}: "
-                                     f"{type(err).__name__}: {err}") from err
-            if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, self.splits.num_classes):
-                shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                raise ModelError(
-                    f"the {role} ({name}) gives outputs of shape {shape} for a batch of 2, but the data has "
-                    f"{self.splits.num_classes} classes: teacher and student must both give (batch, "
-                    f"{self.splits.num_classes}) logits as one tensor. Build it with num_classes.")
-        try:
-            distiller = Distiller(models["student"], models["teacher"], build_terms(self.recipe.distill.terms))
-        except ConfigError as err:
-            raise RecipeError(f"distill.terms: {err}") from err
-        from distil.batches import Batch
-
-        distiller.prepare(Batch(sample, torch.zeros(2, dtype=torch.long)))  # layer names and shapes
-
-    def fit(self, task, train: Data, section: TrainConfig, name: str, epochs: int | None = None,
-            record: bool = True):
-        """`fit` with the recipe's seed, device, precision and augmentation; `record`: checkpoints and log."""
-        cfg = section if epochs is None else section.model_copy(update={"epochs": epochs})
-        if self.on_stage and record:
-            self.on_stage(name, cfg.epochs)
-        r = self.recipe
-        return fit(task, train, self.splits.val, cfg, name=name, seed=r.seed, device=self.device,
-                   precision=r.precision, compile=r.compile, augment=self.augment,
-                   checkpoint_dir=self.path("checkpoints") if record else None,
-                   log_path=self.path("log.jsonl") if record else None, on_epoch=self.on_epoch if record else None)
-
-    def distill(self, student: nn.Module, teacher: nn.Module, section: TrainConfig, name: str,
-                record: bool = True) -> Distiller:
-        """Distil `student` from `teacher` with the recipe's terms, on the training split plus the transfer set.
-
-        With in-memory data and no augmentation, the teacher's logits are computed once (on the device)
-        instead of at every step; with random augmentation the teacher must see each new view, so it runs online.
-        """
-        distiller = Distiller(student, teacher, build_terms(self.recipe.distill.terms)).to(self.device)
-        train = self.distill_train()
-        if isinstance(train, Split) and not self.augment:
-            train = distiller.with_teacher_logits(train)
-        self.fit(distiller, train, section, name, record=record)
-        return distiller
-
-    def save(self, model: nn.Module, name: str, role: str, **extra) -> None:
-        section: ModelSection = getattr(self.recipe, role)
-        spec = {"model": section.model, "knobs": section.knobs(), "input_shape": list(self.splits.input_shape),
-                "num_classes": self.splits.num_classes, "class_names": self.splits.class_names}
-        save_model_file(model.cpu(), self.path(f"{name}.safetensors"), spec, **extra)
-
-    def load(self, name: str) -> nn.Module:
-        return load_model_file(self.path(f"{name}.safetensors"))[0]
-
-    def sample(self, n: int) -> Split:
-        """A seeded random subset of the training split (calibration, importance): never just its first
-        rows, which can all be one class when the source lists samples class by class."""
-        idx = torch.randperm(len(self.splits.train), generator=torch.Generator().manual_seed(self.recipe.seed))[:n]
-        return take(self.splits.train, idx)
-
-    def distill_train(self) -> Data:
-        return self.splits.with_transfer() if self.recipe.distill.use_transfer else self.splits.train
-
+from distil.run import Run
+from distil.scheme_stages import (
+    born_again_models,
+    mutual_models,
+    scheme_models,
+    stage_born_again,
+    stage_ema,
+    stage_mutual,
+    stage_takd,
+    stage_teachers,
+    takd_models,
+)
 
 # --- stages ----------------------------------------------------------------------------------
 
@@ -173,7 +71,7 @@ def stage_baseline(run: Run) -> None:
 
 def stage_distill(run: Run) -> None:
     student = run.model("student")
-    distiller = run.distill(student, run.load("teacher"), run.recipe.student.train, "distill")
+    distiller = run.distill(student, run.teachers(), run.recipe.student.train, "distill")
     distiller.cpu().save_connectors(run.path("student.connectors.safetensors"))
     run.save(student, "student", "student")  # last: its presence marks the stage done
 
@@ -278,7 +176,8 @@ def quantization_aware_finetune(run: Run, name: str, mode: str, calibration, bef
 
 def model_names(run: Run) -> list[str]:
     """The PyTorch models of this run, in report order."""
-    names = ["teacher", "baseline", "student"]
+    names = ["teacher", *[f"teacher-{n}" for n in run.recipe.schemes.teachers], "baseline", "student",
+             *scheme_models(run.recipe)]
     if run.recipe.compress.enabled:
         names.append(f"{run.recipe.compress.source}-pruned")
         if run.recipe.compress.compare_labels_only:
@@ -388,9 +287,13 @@ class Stage:
     name: str
     run: Callable[[Run], None]
     outputs: Callable[[Recipe], list[str]]
-    depends: tuple[str, ...] = ()
+    depends: tuple[str, ...] = ()  # recipe sections or dotted fields ("schemes.ema")
     fit_names: Callable[[Recipe], list[str]] = lambda recipe: []
     enabled: Callable[[Recipe], bool] = lambda recipe: True
+
+
+def _files(names: list[str]) -> list[str]:
+    return [f"{name}.safetensors" for name in names]
 
 
 def _pruned(r: Recipe) -> list[str]:
@@ -401,10 +304,21 @@ def _pruned(r: Recipe) -> list[str]:
 STAGES: dict[str, Stage] = {stage.name: stage for stage in [
     Stage("teacher", stage_teacher, lambda r: ["log.jsonl", "teacher.safetensors"],
           ("seed", "data", "teacher", "precision"), lambda r: ["teacher"]),
+    Stage("teachers", stage_teachers, lambda r: [f"teacher-{n}.safetensors" for n in r.schemes.teachers],
+          ("schemes.teachers",), lambda r: [f"teacher-{n}" for n in r.schemes.teachers],
+          lambda r: bool(r.schemes.teachers)),
     Stage("baseline", stage_baseline, lambda r: ["baseline.safetensors"], ("student", "distill"),
           lambda r: ["baseline"]),
     Stage("distill", stage_distill, lambda r: ["student.connectors.safetensors", "student.safetensors"], (),
           lambda r: ["distill"]),
+    Stage("takd", stage_takd, lambda r: _files(takd_models(r)), ("schemes.assistants",), takd_models,
+          lambda r: bool(r.schemes.assistants)),
+    Stage("born_again", stage_born_again, lambda r: _files(born_again_models(r)), ("schemes.born_again",),
+          born_again_models, lambda r: r.schemes.born_again > 0),
+    Stage("mutual", stage_mutual, lambda r: _files(mutual_models(r)), ("schemes.mutual", "schemes.mutual_T"),
+          lambda r: ["mutual"], lambda r: bool(r.schemes.mutual)),
+    Stage("ema", stage_ema, lambda r: ["student-ema.safetensors"], ("schemes.ema", "schemes.ema_decay"),
+          lambda r: ["ema"], lambda r: r.schemes.ema),
     Stage("compress", stage_compress, lambda r: [f"{n}.safetensors" for n in _pruned(r)], ("compress",),
           _pruned, lambda r: r.compress.enabled),
     Stage("export", stage_export, lambda r: ["*.onnx", "export.json"], ("export",),

@@ -7,9 +7,11 @@ layers. `LOSSES` maps a recipe's `kind` to its class; `distil list methods` prin
 from torch import nn
 
 from distil.losses.core import CE, KD, STUDENT, UNLABELED, Outputs, Reads, Term, Views, ce_loss, check_weight, kd_loss
+from distil.losses.ensemble import MultiKD, ensemble_target, soft_kd_loss
 from distil.losses.feature import AT, FeaturePairs, FitNet, at_loss, attention_map, fitnet_loss
 
-LOSSES: dict[str, type[nn.Module]] = {"ce": CE, "kd": KD, "fitnet": FitNet, "at": AT}
+LOSSES: dict[str, type[nn.Module]] = {"ce": CE, "kd": KD, "multi_kd": MultiKD, "fitnet": FitNet, "at": AT}
 
-__all__ = ["AT", "CE", "KD", "LOSSES", "STUDENT", "UNLABELED", "FeaturePairs", "FitNet", "Outputs", "Reads", "Term",
-           "Views", "at_loss", "attention_map", "ce_loss", "check_weight", "fitnet_loss", "kd_loss"]
+__all__ = ["AT", "CE", "KD", "LOSSES", "STUDENT", "UNLABELED", "FeaturePairs", "FitNet", "MultiKD", "Outputs",
+           "Reads", "Term", "Views", "at_loss", "attention_map", "ce_loss", "check_weight", "ensemble_target",
+           "fitnet_loss", "kd_loss", "soft_kd_loss"]

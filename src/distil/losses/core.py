@@ -79,6 +79,7 @@ class Reads:
     teacher: str | None = None
     student_layers: tuple[str, ...] = ()
     teacher_layers: tuple[str, ...] = ()
+    ensemble: tuple[str, ...] | None = None  # the logits of several teachers by name; () = every teacher
 
 
 @runtime_checkable

@@ -1,0 +1,158 @@
+"""`Run`: what every stage needs (the recipe, its run folder, the data, the device), and the steps stages share:
+building, training, distilling, saving and loading the run's models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distil.batches import Batch
+from distil.build import build_terms
+from distil.data import Data, Split, Splits, in_memory, take
+from distil.device import resolve_device
+from distil.distiller import Distiller, hinton_terms
+from distil.errors import ConfigError, ModelError, RecipeError
+from distil.losses import Reads
+from distil.modelfile import load_model_file, save_model_file
+from distil.models import build_model
+from distil.recipe import ModelSection, Recipe, TrainConfig
+from distil.train import fit
+
+
+@dataclass
+class Run:
+    """What every stage needs: the recipe, its run folder, the data, and where to send epoch records."""
+
+    recipe: Recipe
+    run_dir: Path
+    splits: Splits
+    on_epoch: Callable[[dict], None] | None = None
+    on_stage: Callable[[str, int], None] | None = None
+    augment: Callable | None = field(default=None)
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / name
+
+    @cached_property
+    def device(self) -> torch.device:
+        return resolve_device(self.recipe.device)
+
+    @cached_property
+    def val(self) -> Split:
+        return in_memory(self.splits.val)
+
+    @cached_property
+    def test(self) -> Split:
+        return in_memory(self.splits.test)
+
+    def model(self, role: str) -> nn.Module:
+        """A freshly initialised teacher or student (seeded, so every build is the same)."""
+        return self.build(getattr(self.recipe, role))
+
+    def build(self, section: ModelSection, seed_offset: int = 0) -> nn.Module:
+        """A freshly initialised model of `section` (seeded: every build is the same; `seed_offset` gives the
+        peers of a scheme their own initialisation)."""
+        torch.manual_seed(self.recipe.seed + seed_offset)
+        return build_model(section.model, self.splits.input_shape, self.splits.num_classes, **section.knobs())
+
+    def teachers(self) -> nn.Module | dict[str, nn.Module]:
+        """The trained teacher, or every teacher by name when the recipe adds some (schemes.teachers)."""
+        extra = {name: self.load(f"teacher-{name}") for name in self.recipe.schemes.teachers}
+        return {"teacher": self.load("teacher"), **extra} if extra else self.load("teacher")
+
+    def check_models(self) -> None:
+        """Fail before any training if a model's output does not fit the data, or a loss term its models."""
+        sample = take(self.splits.train, [0, min(1, len(self.splits.train) - 1)]).x
+        if self.augment:
+            sample = self.augment(sample, torch.Generator().manual_seed(0))
+        s = self.recipe.schemes
+        sections = {"teacher": self.recipe.teacher, "student": self.recipe.student,
+                    **{f"teacher '{n}' (schemes.teachers)": m for n, m in s.teachers.items()},
+                    **{f"assistant {i} (schemes.assistants)": m for i, m in enumerate(s.assistants, start=1)},
+                    **{f"peer {i} (schemes.mutual)": m for i, m in enumerate(s.mutual, start=1)}}
+        models = {role: self._checked(role, section, sample) for role, section in sections.items()}
+        extra = {n: models[f"teacher '{n}' (schemes.teachers)"] for n in s.teachers}
+        teachers = {"teacher": models["teacher"], **extra} if extra else models["teacher"]
+        try:
+            distiller = Distiller(models["student"], teachers, build_terms(self.recipe.distill.terms))
+        except ConfigError as err:
+            raise RecipeError(f"distill.terms: {err}") from err
+        distiller.prepare(Batch(sample, torch.zeros(2, dtype=torch.long)))  # layer names and shapes
+
+    def _checked(self, role: str, section: ModelSection, sample: torch.Tensor) -> nn.Module:
+        """The model of `section`, after checking it gives (2, num_classes) logits for a batch of 2."""
+        model = self.build(section).eval()
+        with torch.no_grad():
+            try:
+                logits = model(sample)
+            except Exception as err:  # a user's model may raise anything
+                raise ModelError(f"the {role} ({section.model}) fails on inputs of shape {list(sample.shape)}: "
+                                 f"{type(err).__name__}: {err}") from err
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, self.splits.num_classes):
+            shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ModelError(
+                f"the {role} ({section.model}) gives outputs of shape {shape} for a batch of 2, but the data has "
+                f"{self.splits.num_classes} classes: every model of the run must give (batch, "
+                f"{self.splits.num_classes}) logits as one tensor. Build it with num_classes.")
+        return model
+
+    def fit(self, task, train: Data, section: TrainConfig, name: str, epochs: int | None = None,
+            record: bool = True):
+        """`fit` with the recipe's seed, device, precision and augmentation; `record`: checkpoints and log."""
+        cfg = section if epochs is None else section.model_copy(update={"epochs": epochs})
+        if self.on_stage and record:
+            self.on_stage(name, cfg.epochs)
+        r = self.recipe
+        return fit(task, train, self.splits.val, cfg, name=name, seed=r.seed, device=self.device,
+                   precision=r.precision, compile=r.compile, augment=self.augment,
+                   checkpoint_dir=self.path("checkpoints") if record else None,
+                   log_path=self.path("log.jsonl") if record else None, on_epoch=self.on_epoch if record else None)
+
+    def distill(self, student: nn.Module, teacher: nn.Module | dict[str, nn.Module], section: TrainConfig, name: str,
+                record: bool = True) -> Distiller:
+        """Distil `student` from `teacher` with the recipe's terms, on the training split plus the transfer set.
+
+        With in-memory data and no augmentation, the teacher's logits are computed once (on the device)
+        instead of at every step; with random augmentation the teacher must see each new view, so it runs online.
+        With one teacher (an assistant chain's link, a born-again generation, a pruned model's fine-tune), the
+        terms that read the recipe's other teachers by name are left out (Hinton's KD + CE if none is left).
+        """
+        terms = build_terms(self.recipe.distill.terms)
+        if isinstance(teacher, nn.Module):
+            terms = [t for t in terms if _reads_only_the_teacher(t.reads())] or hinton_terms()
+        distiller = Distiller(student, teacher, terms).to(self.device)
+        train = self.distill_train()
+        if isinstance(train, Split) and not self.augment:
+            train = distiller.with_teacher_logits(train)
+        self.fit(distiller, train, section, name, record=record)
+        return distiller
+
+    def save(self, model: nn.Module, name: str, role: str | ModelSection, **extra) -> None:
+        """Write `model` as `<name>.safetensors`, with the spec of its section (a role's, or any ModelSection)."""
+        section: ModelSection = getattr(self.recipe, role) if isinstance(role, str) else role
+        spec = {"model": section.model, "knobs": section.knobs(), "input_shape": list(self.splits.input_shape),
+                "num_classes": self.splits.num_classes, "class_names": self.splits.class_names}
+        save_model_file(model.cpu(), self.path(f"{name}.safetensors"), spec, **extra)
+
+    def load(self, name: str) -> nn.Module:
+        return load_model_file(self.path(f"{name}.safetensors"))[0]
+
+    def sample(self, n: int) -> Split:
+        """A seeded random subset of the training split (calibration, importance): never just its first
+        rows, which can all be one class when the source lists samples class by class."""
+        idx = torch.randperm(len(self.splits.train), generator=torch.Generator().manual_seed(self.recipe.seed))[:n]
+        return take(self.splits.train, idx)
+
+    def distill_train(self) -> Data:
+        return self.splits.with_transfer() if self.recipe.distill.use_transfer else self.splits.train
+
+
+def _reads_only_the_teacher(reads: Reads) -> bool:
+    """True for a term that reads no teacher, or the one named "teacher" (the name a single teacher gets)."""
+    ensemble_ok = reads.ensemble is None or set(reads.ensemble) <= {"teacher"}
+    return reads.teacher in (None, "teacher") and ensemble_ok

@@ -1,0 +1,92 @@
+"""The stages of the training schemes (recipe section `schemes`), each a function of a `Run`:
+
+    teachers   : more teachers by name, trained like the teacher (or loaded)  -> teacher-<name>.safetensors
+    takd       : teacher -> ta-1 -> ... -> student-takd, each link distilled  -> ta-<i>.safetensors, student-takd
+    born_again : teacher -> born-again-1 -> ..., the teacher's architecture   -> born-again-<g>.safetensors
+    mutual     : a fresh student and its peers learn together (DML)           -> student-dml, peer-<i>-dml
+    ema        : a fresh student taught by an EMA of itself                   -> student-ema.safetensors
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distil.checkpoint import load_weights
+from distil.distiller import ClassificationTask
+from distil.recipe import Recipe
+from distil.run import Run
+from distil.schemes import EMASelfDistiller, MutualLearning
+
+
+def stage_teachers(run: Run) -> None:
+    for i, (name, section) in enumerate(run.recipe.schemes.teachers.items()):
+        teacher = run.build(section, seed_offset=100 + i)
+        if section.checkpoint:
+            load_weights(teacher, Path(section.checkpoint))
+        else:
+            run.fit(ClassificationTask(teacher), run.splits.train, section.train, f"teacher-{name}")
+        run.save(teacher, f"teacher-{name}", section)
+
+
+def stage_takd(run: Run) -> None:
+    """Teaching-assistant chain (Mirzadeh et al. 2020): each link distils the next with the recipe's terms."""
+    previous = run.load("teacher")
+    for i, section in enumerate(run.recipe.schemes.assistants, start=1):
+        assistant = run.build(section, seed_offset=i)
+        run.distill(assistant, previous, section.train, f"ta-{i}")
+        run.save(assistant, f"ta-{i}", section)
+        previous = assistant.cpu()
+    student = run.model("student")
+    run.distill(student, previous, run.recipe.student.train, "student-takd")
+    run.save(student, "student-takd", "student")
+
+
+def stage_born_again(run: Run) -> None:
+    """Born-again networks (Furlanello et al. 2018): generation g, of the teacher's architecture, learns from g-1."""
+    previous = run.load("teacher")
+    for generation in range(1, run.recipe.schemes.born_again + 1):
+        model = run.build(run.recipe.teacher, seed_offset=generation)
+        run.distill(model, previous, run.recipe.teacher.train, f"born-again-{generation}")
+        run.save(model, f"born-again-{generation}", "teacher")
+        previous = model.cpu()
+
+
+def stage_mutual(run: Run) -> None:
+    """Deep mutual learning: a fresh student and the peers, from scratch, on the labelled training split."""
+    s = run.recipe.schemes
+    models = {"student": run.model("student")}
+    models.update({f"peer-{i}": run.build(section, seed_offset=i) for i, section in enumerate(s.mutual, start=1)})
+    run.fit(MutualLearning(models, T=s.mutual_T), run.splits.train, run.recipe.student.train, "mutual")
+    for i, section in enumerate(s.mutual, start=1):
+        run.save(models[f"peer-{i}"], f"peer-{i}-dml", section)
+    run.save(models["student"], "student-dml", "student")
+
+
+def stage_ema(run: Run) -> None:
+    """A fresh student taught online by an exponential moving average of its own weights."""
+    student = run.model("student")
+    task = EMASelfDistiller(student, decay=run.recipe.schemes.ema_decay)
+    run.fit(task, run.splits.train, run.recipe.student.train, "ema")
+    run.save(student, "student-ema", "student")
+
+
+def takd_models(r: Recipe) -> list[str]:
+    """Written in this order; the last marks the stage done (as for every list below)."""
+    return [f"ta-{i}" for i in range(1, len(r.schemes.assistants) + 1)] + ["student-takd"]
+
+
+def born_again_models(r: Recipe) -> list[str]:
+    return [f"born-again-{g}" for g in range(1, r.schemes.born_again + 1)]
+
+
+def mutual_models(r: Recipe) -> list[str]:
+    return [f"peer-{i}-dml" for i in range(1, len(r.schemes.mutual) + 1)] + ["student-dml"]
+
+
+def scheme_models(r: Recipe) -> list[str]:
+    """The models the schemes add to the report, in order."""
+    s = r.schemes
+    names = takd_models(r) if s.assistants else []
+    names += born_again_models(r)
+    names += mutual_models(r) if s.mutual else []
+    return names + (["student-ema"] if s.ema else [])
