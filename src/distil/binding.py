@@ -6,6 +6,7 @@ but its errors).
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any
 
@@ -42,3 +43,18 @@ def bind_kwargs(fn, kwargs: dict[str, Any], where: str) -> dict[str, Any]:
                 problems.append(f"'{name}': {e['msg']} (got {e.get('input')!r})")
         raise RecipeError(f"{where}: " + " ".join(problems)) from None
     return {k: getattr(validated, k) for k in kwargs}
+
+
+def import_object(spec: str, where: str) -> Any:
+    """'package.module:name' -> the object, for a user's own loss term or data source; `where` names the field."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise RecipeError(f"{where}: '{spec}' must look like 'package.module:name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise RecipeError(f"{where}: cannot import module '{module_name}' ({err}). Is it on PYTHONPATH (run from "
+                          "its folder, or pip install it)?") from None
+    if not hasattr(module, attr):
+        raise RecipeError(f"{where}: module '{module_name}' has no '{attr}'." + did_you_mean(attr, dir(module)))
+    return getattr(module, attr)

@@ -7,11 +7,13 @@ names a recipe refers to (sources, models, losses, run models) that the schema a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distil.binding import bind_kwargs
+from distil.binding import bind_kwargs, import_object
 from distil.data import SOURCES
+from distil.data import resolve_source as resolve_data_source
 from distil.errors import ConfigError, RecipeError, did_you_mean
 from distil.losses import LOSSES
 from distil.models import MODELS, resolve_factory
@@ -27,10 +29,7 @@ def load_recipe(source: str | Path | dict, where: str = "recipe") -> Recipe:
 
 def check_references(recipe: Recipe) -> None:
     """Check what the schema cannot: source, model, loss and augmentation names and their options."""
-    if recipe.data.source not in SOURCES:
-        raise RecipeError(f"data.source: unknown source '{recipe.data.source}'."
-                          + did_you_mean(recipe.data.source, SOURCES))
-    bind_kwargs(SOURCES[recipe.data.source], recipe.data.args, "data.args")
+    bind_kwargs(resolve_source(recipe.data.source), recipe.data.args, "data.args")
     s = recipe.schemes
     sections = {"teacher": recipe.teacher, "student": recipe.student,
                 **{f"schemes.teachers.{n}": m for n, m in s.teachers.items()},
@@ -61,9 +60,7 @@ def build_terms(specs: list[dict[str, Any]]) -> list:
     terms = []
     for i, spec in enumerate(specs):
         kind = spec.get("kind")
-        if kind not in LOSSES:
-            raise RecipeError(f"distill.terms[{i}].kind: unknown loss '{kind}'." + did_you_mean(str(kind), LOSSES))
-        cls, where = LOSSES[kind], f"distill.terms[{i}] ({kind})"
+        cls, where = resolve_term(str(kind), f"distill.terms[{i}].kind"), f"distill.terms[{i}] ({kind})"
         try:
             terms.append(cls(**bind_kwargs(cls, {k: v for k, v in spec.items() if k != "kind"}, where)))
         except RecipeError:
@@ -77,6 +74,27 @@ def build_terms(specs: list[dict[str, Any]]) -> list:
                               f"distill.terms[{names.index(name)}]: each term is logged and summed by its name. "
                               "Merge them (add the weights) or make them read different teachers or layers.")
     return terms
+
+
+def resolve_term(kind: str, where: str) -> type:
+    """A loss term class: a name of `LOSSES`, or the user's own as 'package.module:Class'."""
+    if kind in LOSSES:
+        return LOSSES[kind]
+    if ":" in kind:
+        cls = import_object(kind, where)
+        if not callable(cls):
+            raise RecipeError(f"{where}: '{kind}' is not a class (a loss term is an nn.Module class)")
+        return cls
+    raise RecipeError(f"{where}: unknown loss '{kind}'." + did_you_mean(kind, LOSSES)
+                      + " Or give your own as 'package.module:Class'.")
+
+
+def resolve_source(source: str) -> Callable:
+    """A data source function: a name of `SOURCES`, or the user's own as 'package.module:function'."""
+    if source not in SOURCES and ":" not in source:
+        raise RecipeError(f"data.source: unknown source '{source}'." + did_you_mean(source, SOURCES)
+                          + " Or give your own as 'package.module:function' returning distil.data.RawData.")
+    return resolve_data_source(source)
 
 
 def augment_and_normalize(specs: list[dict[str, Any]]):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from distil.binding import bind_kwargs
+from distil.binding import bind_kwargs, import_object
 from distil.errors import DataError, did_you_mean
 from distil.images import FileData, ImageFiles, imagefolder
 from distil.losses import UNLABELED
@@ -261,13 +261,25 @@ SOURCES = {"mnist1d": mnist1d, "digits": digits, "npz": npz, "imagefolder": imag
 # --- splitting --------------------------------------------------------------------------------
 
 
+def resolve_source(source: str):
+    """A source function: a name of `SOURCES`, or the user's own as 'package.module:function' returning RawData."""
+    if source in SOURCES:
+        return SOURCES[source]
+    if ":" in source:
+        return import_object(source, "data.source")
+    raise DataError(f"unknown data source '{source}'." + did_you_mean(source, SOURCES)
+                    + " Or give your own as 'package.module:function' returning distil.data.RawData.")
+
+
 def load_splits(source: str, args: dict, seed: int = 0, val_fraction: float = 0.1,
                 test_fraction: float = 0.2, normalize: tuple[list[float], list[float]] | None = None) -> Splits:
     """Run a source, then split (deterministically from `seed`) and normalise: with `normalize`'s per-channel
     (mean, std) when given, else with statistics of the training split."""
-    if source not in SOURCES:
-        raise DataError(f"unknown data source '{source}'." + did_you_mean(source, SOURCES))
-    raw = SOURCES[source](**bind_kwargs(SOURCES[source], args, f"data.args (source '{source}')"))
+    fn = resolve_source(source)
+    raw = fn(**bind_kwargs(fn, args, f"data.args (source '{source}')"))
+    if not isinstance(raw, (RawData, FileData)):
+        raise DataError(f"data source '{source}' returned a {type(raw).__name__}; a source returns "
+                        "distil.data.RawData(x, y, ...) (arrays) or distil.images.FileData (files).")
     if isinstance(raw, FileData):
         return file_splits(raw, seed, val_fraction, test_fraction, normalize)
     return make_splits(raw, seed, val_fraction, test_fraction, normalize)
