@@ -142,3 +142,55 @@ def test_a_multistep_schedule_without_milestones_is_refused_at_load_time():
         load_recipe({"student": {"train": {"schedule": "multistep"}}})
     with pytest.raises(RecipeError, match="each must be at least 1"):
         load_recipe({"student": {"train": {"schedule": "multistep", "milestones": [0, 3]}}})
+
+
+USER_CODE = '''
+import numpy as np
+import torch
+from torch import nn
+
+from distil.data import RawData
+from distil.losses import Reads
+
+
+class Centred(nn.Module):
+    """The student's logits pulled toward zero mean: a user's own term."""
+
+    def __init__(self, weight: float = 1.0, scale: float = 2.0) -> None:
+        super().__init__()
+        self.weight, self.scale, self.name = weight, scale, "centred"
+
+    def reads(self):
+        return Reads()
+
+    def build(self, views):
+        pass
+
+    def forward(self, views):
+        return self.scale * views.student.logits.mean().pow(2)
+
+
+def blobs(n: int = 90, dims: int = 4):
+    rng = np.random.default_rng(0)
+    y = np.arange(n) % 3
+    return RawData(np.eye(dims)[y] * 3 + rng.normal(size=(n, dims)), y)
+'''
+
+
+def test_a_users_own_term_and_source_bind_to_their_signatures(tmp_path, monkeypatch):
+    (tmp_path / "mine.py").write_text(USER_CODE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = load_recipe({"data": {"source": "mine:blobs", "args": {"n": 60}},
+                          "distill": {"terms": [{"kind": "mine:Centred", "scale": 3}, {"kind": "kd"}]}})
+    centred, _ = build_terms(recipe.distill.terms)
+    assert (centred.name, centred.scale, centred.weight) == ("centred", 3.0, 1.0)
+    with pytest.raises(RecipeError, match=r"distill.terms\[0\] \(mine:Centred\): unknown option 'scal'"):
+        load_recipe({"distill": {"terms": [{"kind": "mine:Centred", "scal": 3}]}})
+    with pytest.raises(RecipeError, match=r"data.args: unknown option 'm'"):
+        load_recipe({"data": {"source": "mine:blobs", "args": {"m": 60}}})
+    with pytest.raises(RecipeError, match=r"module 'mine' has no 'Centered'.*Did you mean 'Centred'"):
+        load_recipe({"distill": {"terms": [{"kind": "mine:Centered"}]}})
+    from distil.data import load_splits
+
+    splits = load_splits("mine:blobs", {"n": 60})
+    assert splits.num_classes == 3 and splits.input_shape == (4,)
