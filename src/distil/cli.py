@@ -154,6 +154,25 @@ def _print_table(models: dict[str, dict]) -> None:
     console.print(table)
 
 
+@app.command()
+def experiment(name: str = typer.Argument(..., help="methods"),
+               seeds: int = typer.Option(3, min=1, help="Seeds to average over."),
+               quick: bool = typer.Option(False, "--quick", help="Fewer epochs and a smaller transfer set: minutes."),
+               out: Path = typer.Option(None, "--out", help="Markdown page to write; default docs/<name>.md.")) -> None:
+    """Run a research experiment and write its page (a table, the command, the settings)."""
+    from distil.errors import did_you_mean
+    from distil.experiments import EXPERIMENTS
+
+    if name not in EXPERIMENTS:
+        _fail(DistilError(f"unknown experiment '{name}'." + did_you_mean(name, EXPERIMENTS)))
+    try:
+        path = EXPERIMENTS[name](seeds=seeds, quick=quick, out=out or Path("docs") / f"{name}.md",
+                                 log=lambda line: console.print(line, highlight=False))
+    except DistilError as err:
+        _fail(err)
+    console.print(f"wrote: {path}")
+
+
 @app.command(name="list")
 def list_(what: str = typer.Argument(..., help="methods | models | datasets | augmentations")) -> None:
     """Print the loss methods, models, data sources or augmentations that exist, one per line."""
