@@ -155,7 +155,10 @@ def test_at_loss_by_hand_on_a_1x2x2x2_example():
 
 
 def make_term(kind: str) -> nn.Module:
-    if kind in ("fitnet", "at"):
+    """One term of each kind on the Tiny models' `layer1`, with small settings where the defaults need more data."""
+    if kind == "crd":
+        return LOSSES[kind](student="layer1", teacher="layer1", num_samples=12, negatives=4, feat_dim=8)
+    if kind in ("fitnet", "at", "pkt", "nst", "vid", "rkd", "sp", "cc"):
         return LOSSES[kind](student="layer1", teacher="layer1")
     return LOSSES[kind]()
 
@@ -209,8 +212,8 @@ def test_every_loss_term_gives_a_finite_scalar_and_trains_only_the_student(kind)
     student, teacher = Tiny(2), Tiny(4)
     distiller = Distiller(student, teacher, [make_term(kind)])
     x, y = torch.randn(6, 1, 4, 4), torch.randint(0, 3, (6,))
-    distiller.prepare(Batch(x, torch.zeros(len(x), dtype=torch.long)))
-    out = distiller(Batch(x, y))
+    distiller.prepare(Batch(x, torch.zeros(len(x), dtype=torch.long), torch.arange(6)))
+    out = distiller(Batch(x, y, torch.arange(6)))
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
     assert out.loss.item() == pytest.approx(sum(v.item() for v in out.parts.values()), rel=1e-6)
     out.loss.backward()
@@ -218,7 +221,7 @@ def test_every_loss_term_gives_a_finite_scalar_and_trains_only_the_student(kind)
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
 
 
-@pytest.mark.parametrize("kind", ["kd", "fitnet", "at"])
+@pytest.mark.parametrize("kind", ["kd", "dkd", "dist", "multi_kd", "fitnet", "at", "pkt", "nst", "rkd", "sp", "cc"])
 def test_teacher_terms_vanish_when_the_student_is_the_teacher(kind):
     torch.manual_seed(0)
     teacher, student = Tiny(4), Tiny(4)

@@ -7,6 +7,7 @@ names a recipe refers to (sources, models, losses, run models) that the schema a
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,14 +56,21 @@ def check_references(recipe: Recipe) -> None:
     augment_and_normalize(recipe.data.augment)
 
 
-def build_terms(specs: list[dict[str, Any]]) -> list:
-    """Recipe terms -> loss modules, e.g. {kind: kd, weight: 0.9, T: 4} -> KD(T=4.0, weight=0.9)."""
+def build_terms(specs: list[dict[str, Any]], num_samples: int | None = None) -> list:
+    """Recipe terms -> loss modules, e.g. {kind: kd, weight: 0.9, T: 4} -> KD(T=4.0, weight=0.9).
+
+    A term whose constructor takes `num_samples` (CRD's memory bank) gets the training set's size when the recipe
+    does not set it (`None` before the data is loaded: a placeholder large enough for the checks).
+    """
     terms = []
     for i, spec in enumerate(specs):
         kind = spec.get("kind")
         cls, where = resolve_term(str(kind), f"distill.terms[{i}].kind"), f"distill.terms[{i}] ({kind})"
+        options = {k: v for k, v in spec.items() if k != "kind"}
+        if "num_samples" in inspect.signature(cls).parameters and "num_samples" not in options:
+            options["num_samples"] = num_samples if num_samples is not None else 2**31 - 1
         try:
-            terms.append(cls(**bind_kwargs(cls, {k: v for k, v in spec.items() if k != "kind"}, where)))
+            terms.append(cls(**bind_kwargs(cls, options, where)))
         except RecipeError:
             raise
         except ConfigError as err:

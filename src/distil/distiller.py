@@ -180,7 +180,7 @@ class Distiller(nn.Module):
         was_training = self.training
         self.eval()
         with torch.no_grad():
-            views = self._views(Batch(batch.inputs, torch.zeros(len(batch), dtype=torch.long)))
+            views = self._views(Batch(batch.inputs, torch.zeros(len(batch), dtype=torch.long), batch.index))
         self.train(was_training)
         self.num_classes = student_k = views.student.logits.shape[-1]
         for name in self.needed:

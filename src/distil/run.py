@@ -79,10 +79,10 @@ class Run:
         extra = {n: models[f"teacher '{n}' (schemes.teachers)"] for n in s.teachers}
         teachers = {"teacher": models["teacher"], **extra} if extra else models["teacher"]
         try:
-            distiller = Distiller(models["student"], teachers, build_terms(self.recipe.distill.terms))
+            distiller = Distiller(models["student"], teachers, self.terms())
         except ConfigError as err:
             raise RecipeError(f"distill.terms: {err}") from err
-        distiller.prepare(Batch(sample, torch.zeros(2, dtype=torch.long)))  # layer names and shapes
+        distiller.prepare(Batch(sample, torch.zeros(2, dtype=torch.long), torch.arange(2)))  # layer names, shapes
 
     def _checked(self, role: str, section: ModelSection, sample: torch.Tensor) -> nn.Module:
         """The model of `section`, after checking it gives (2, num_classes) logits for a batch of 2."""
@@ -122,7 +122,7 @@ class Run:
         With one teacher (an assistant chain's link, a born-again generation, a pruned model's fine-tune), the
         terms that read the recipe's other teachers by name are left out (Hinton's KD + CE if none is left).
         """
-        terms = build_terms(self.recipe.distill.terms)
+        terms = self.terms()
         if isinstance(teacher, nn.Module):
             terms = [t for t in terms if _reads_only_the_teacher(t.reads())] or hinton_terms()
         distiller = Distiller(student, teacher, terms).to(self.device)
@@ -131,6 +131,10 @@ class Run:
             train = distiller.with_teacher_logits(train)
         self.fit(distiller, train, section, name, record=record)
         return distiller
+
+    def terms(self) -> list[nn.Module]:
+        """The recipe's loss terms; terms that keep a row per sample (CRD) get the distillation set's size."""
+        return build_terms(self.recipe.distill.terms, num_samples=len(self.distill_train()))
 
     def save(self, model: nn.Module, name: str, role: str | ModelSection, **extra) -> None:
         """Write `model` as `<name>.safetensors`, with the spec of its section (a role's, or any ModelSection)."""
