@@ -53,7 +53,7 @@ class Setting:
 def settings(quick: bool) -> list[Setting]:
     epochs = 4 if quick else 20
     mnist = Setting(
-        "MNIST-1D", "mnist1d", {"num_samples": 5000, "transfer_size": 5000 if quick else 20000},
+        "MNIST-1D", "mnist1d", {"num_samples": 5000, "transfer_size": 5000 if quick else 10000},
         {"model": "cnn1d", "width": 100, "depth": 3}, {"model": "mlp", "width": 100, "depth": 1},
         TrainConfig(epochs=epochs, batch_size=128, lr=3e-3, weight_decay=1e-4),
         TrainConfig(epochs=epochs, batch_size=256, lr=0.03), use_transfer=True,
@@ -63,7 +63,7 @@ def settings(quick: bool) -> list[Setting]:
                  "rkd": [{"kind": "rkd", **RELATION}, CE1],
                  "sp": [{"kind": "sp", **RELATION, "weight": 3000.0}, CE1],
                  "cc": [{"kind": "cc", **RELATION, "weight": 0.02}, CE1],
-                 "crd": [{"kind": "crd", **RELATION, "num_samples": 0, "weight": 0.8}, CE1]})
+                 "crd": [{"kind": "crd", **RELATION, "num_samples": 0, "negatives": 1024, "weight": 0.8}, CE1]})
     digits = Setting(
         "digits", "digits", {}, {"model": "cnn", "width": 32, "depth": 3}, {"model": "cnn", "width": 8, "depth": 3},
         TrainConfig(epochs=max(3, epochs - 5), batch_size=64, lr=3e-3),
@@ -161,7 +161,7 @@ NOTES = {
     "rkd": "RKD distance 25 + angle 50 on (MLP hidden, CNN pooled) features, + CE",
     "sp": "similarity-preserving, weight 3000, + CE",
     "cc": "correlation congruence, weight 0.02, + CE",
-    "crd": "CRD, 128-d embeddings, memory bank of the training set, weight 0.8, + CE",
+    "crd": "CRD, 128-d embeddings, memory bank of the training set, 1,024 negatives, weight 0.8, + CE",
     "multi-teacher": "multi_kd over the teacher and a half-width teacher, confidence-weighted, + CE",
     "takd": "teacher -> assistant (cnn1d width 20, depth 2) -> student, KD + CE at each link",
     "dml (student)": "two students from scratch teaching each other (labels only, baseline's steps)",
