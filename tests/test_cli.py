@@ -213,3 +213,8 @@ def test_brackets_in_an_error_message_are_printed_as_written(tmp_path, tiny_reci
     tiny_recipe["distill"]["terms"].append({"kind": "fitnet", "student": "layer[1]", "teacher": "layer1"})
     fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")],
                   "the student has no module named 'layer[1]'")
+
+
+def test_an_unknown_experiment_exits_2_with_did_you_mean():
+    fails_cleanly(["experiment", "method"], "unknown experiment 'method'. Did you mean 'methods'?")
+
