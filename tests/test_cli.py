@@ -218,3 +218,38 @@ def test_brackets_in_an_error_message_are_printed_as_written(tmp_path, tiny_reci
 def test_an_unknown_experiment_exits_2_with_did_you_mean():
     fails_cleanly(["experiment", "method"], "unknown experiment 'method'. Did you mean 'methods'?")
 
+
+
+def test_a_crd_bank_asking_more_negatives_than_the_data_has_exits_2(tmp_path, tiny_recipe):
+    tiny_recipe["distill"]["terms"].append({"kind": "crd", "student": "layer1", "teacher": "layer2",
+                                            "negatives": 5000})
+    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")],
+                  "distill.terms[2] (crd)")
+
+
+def test_a_relation_loss_on_features_of_different_batch_sizes_exits_2(tmp_path, tiny_recipe, monkeypatch):
+    user_models(tmp_path, monkeypatch, "folded", """
+        import torch
+        from torch import nn
+
+        class Fold(nn.Module):  # (B, 64) -> (2B, 32): a layer that mixes up the batch dimension
+            def forward(self, x):
+                return x.reshape(-1, 32)
+
+        class Folded(nn.Module):
+            def __init__(self, num_classes):
+                super().__init__()
+                self.flatten, self.layer1, self.fc = nn.Flatten(), Fold(), nn.Linear(64, num_classes)
+
+            def forward(self, x):
+                x = self.flatten(x)
+                self.layer1(x)
+                return self.fc(x)
+
+        def folded(input_shape, num_classes):
+            return Folded(num_classes)
+    """)
+    tiny_recipe["student"] = {"model": "folded:folded", "train": {"epochs": 1}}
+    tiny_recipe["distill"]["terms"].append({"kind": "rkd", "student": "layer1", "teacher": "layer1"})
+    fails_cleanly(["run", write_recipe(tmp_path, tiny_recipe), "--run-dir", str(tmp_path / "r")],
+                  "rkd: student 'layer1' -> teacher 'layer1' give features of batch sizes 4 and 2")

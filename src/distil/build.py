@@ -60,7 +60,8 @@ def build_terms(specs: list[dict[str, Any]], num_samples: int | None = None) -> 
     """Recipe terms -> loss modules, e.g. {kind: kd, weight: 0.9, T: 4} -> KD(T=4.0, weight=0.9).
 
     A term whose constructor takes `num_samples` (CRD's memory bank) gets the training set's size when the recipe
-    does not set it (`None` before the data is loaded: a placeholder large enough for the checks).
+    does not set it; before the data is loaded (`num_samples=None`) such a term's options are checked but the term
+    is not built (its bank would need the size).
     """
     terms = []
     for i, spec in enumerate(specs):
@@ -68,7 +69,10 @@ def build_terms(specs: list[dict[str, Any]], num_samples: int | None = None) -> 
         cls, where = resolve_term(str(kind), f"distill.terms[{i}].kind"), f"distill.terms[{i}] ({kind})"
         options = {k: v for k, v in spec.items() if k != "kind"}
         if "num_samples" in inspect.signature(cls).parameters and "num_samples" not in options:
-            options["num_samples"] = num_samples if num_samples is not None else 2**31 - 1
+            if num_samples is None:
+                bind_kwargs(cls, {**options, "num_samples": 1}, where)
+                continue
+            options["num_samples"] = num_samples
         try:
             terms.append(cls(**bind_kwargs(cls, options, where)))
         except RecipeError:

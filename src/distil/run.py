@@ -80,6 +80,8 @@ class Run:
         teachers = {"teacher": models["teacher"], **extra} if extra else models["teacher"]
         try:
             distiller = Distiller(models["student"], teachers, self.terms())
+        except RecipeError:
+            raise
         except ConfigError as err:
             raise RecipeError(f"distill.terms: {err}") from err
         distiller.prepare(Batch(sample, torch.zeros(2, dtype=torch.long), torch.arange(2)))  # layer names, shapes
