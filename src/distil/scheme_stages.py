@@ -70,6 +70,26 @@ def stage_ema(run: Run) -> None:
     run.save(student, "student-ema", "student")
 
 
+def scheme_notes(r: Recipe) -> list[str]:
+    """One line per scheme of the run, for the report."""
+    s, notes = r.schemes, []
+    for name, section in s.teachers.items():
+        notes.append(f"teacher-{name}: a second teacher ({section.model} {section.knobs()}), read by name by the terms")
+    if s.assistants:
+        chain = " -> ".join(["teacher", *[f"ta-{i} ({m.model} {m.knobs()})" for i, m in
+                                          enumerate(s.assistants, start=1)], "student-takd"])
+        notes.append(f"teaching-assistant chain: {chain}, each link distilled with the recipe's terms")
+    if s.born_again:
+        notes.append(f"born-again-1..{s.born_again}: the teacher's architecture, each generation taught by the last")
+    if s.mutual:
+        notes.append(f"student-dml: a fresh student trained from scratch with {len(s.mutual)} peer(s) teaching each "
+                     f"other (deep mutual learning, T={s.mutual_T}), on the labelled split")
+    if s.ema:
+        notes.append(f"student-ema: a fresh student taught by an EMA of its own weights (decay {s.ema_decay}), on the "
+                     "labelled split")
+    return notes
+
+
 def takd_models(r: Recipe) -> list[str]:
     """Written in this order; the last marks the stage done (as for every list below)."""
     return [f"ta-{i}" for i in range(1, len(r.schemes.assistants) + 1)] + ["student-takd"]

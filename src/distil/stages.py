@@ -37,6 +37,7 @@ from distil.scheme_stages import (
     born_again_models,
     mutual_models,
     scheme_models,
+    scheme_notes,
     stage_born_again,
     stage_ema,
     stage_mutual,
@@ -234,6 +235,7 @@ def report_notes(run: Run) -> list[str]:
              "steps as the distilled student",
              f"latency: median of {r.report.latency_runs} batch-1 runs after warm-up; throughput at batch "
              f"{r.report.throughput_batch}; {torch.get_num_threads()} thread(s) for PyTorch and onnxruntime alike"]
+    notes += scheme_notes(r)
     if r.compress.enabled:
         c = r.compress
         info = load_model_file(run.path(f"{c.source}-pruned.safetensors"))[1].get("pruning", {})
