@@ -116,6 +116,24 @@ def to_batch(item) -> Batch:
                                                              else "") + ".")
 
 
+class _Shard:
+    """A batch sampler's global batches cut to this process's share: every world-th index from `rank` on."""
+
+    def __init__(self, batches: BatchSampler, rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+
+    @property
+    def sampler(self):  # so that `set_epoch` reaches the EpochSampler
+        return self.batches.sampler
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield batch[self.rank::self.world]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def _next(iterator):
     """The next item of a DataLoader, or None at the end; an error raised in a worker process keeps its own
     message, without the worker's traceback that torch wraps around it."""
@@ -141,10 +159,11 @@ class Batches:
     """
 
     def __init__(self, data, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
-                 workers: int = 0, pin_memory: bool = False) -> None:
+                 workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1) -> None:
         from distil.data import Split
 
         self.data, self.batch_size, self.shuffle, self.seed, self.drop_last = data, batch_size, shuffle, seed, drop_last
+        self.rank, self.world = rank, world  # several processes: each takes every world-th sample of a global batch
         self.loader: DataLoader | None = None
         if isinstance(data, DataLoader):
             self.loader = data
@@ -154,8 +173,8 @@ class Batches:
                                 f"__getitem__) or a DataLoader, got a {type(data).__name__}. Wrap an IterableDataset "
                                 "in your own DataLoader.")
             sampler = EpochSampler(len(data), seed) if shuffle else None
-            self.loader = DataLoader(_Indexed(data), batch_sampler=BatchSampler(
-                sampler or range(len(data)), batch_size, drop_last), num_workers=workers,
+            batches = BatchSampler(sampler or range(len(data)), batch_size, drop_last)
+            self.loader = DataLoader(_Indexed(data), batch_sampler=_Shard(batches, rank, world), num_workers=workers,
                 pin_memory=pin_memory, persistent_workers=workers > 0,
                 # the loader's seed for its workers comes from here, not from the global RNG, so dropout
                 # draws the same masks as on the in-memory path
@@ -191,6 +210,7 @@ class Batches:
         for start in range(0, n - size + 1 if self.drop_last else n, size):
             idx = order[start:start + size] if order is not None else torch.arange(
                 start, min(n, start + size), device=split.x.device)  # index_select: faster than t[idx] on the CPU
+            idx = idx[self.rank::self.world]  # this process's share of the global batch
             cached = {name: logits.index_select(0, idx) for name, logits in (split.teacher_logits or {}).items()}
             yield Batch(split.x.index_select(0, idx), split.y.index_select(0, idx), idx, None, cached)
 

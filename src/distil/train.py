@@ -15,13 +15,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from distil import distributed
 from distil.batches import Batch, Batches, Progress
 from distil.checkpoint import load_tensors, save_tensors
 from distil.data import Split
@@ -53,6 +54,8 @@ class _Env:
     scaler: torch.amp.GradScaler
     augment: Augmenter | None
     seed: int
+    group: distributed.Group = distributed.Group()
+    forward: Callable | None = None  # (batch, progress) -> StepOutput: the task's, or through DDP
 
 
 def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: int = 0,
@@ -66,9 +69,10 @@ def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: in
     teachers see the same view. With `checkpoint_dir`, `<name>-last.safetensors` (full state) and
     `<name>-best.safetensors` are written each epoch, and a rerun resumes from the last one.
     """
-    where = resolve_device(device)
+    here = distributed.group()
+    where = resolve_device(distributed.device_for(device, here) if isinstance(device, str) else device)
     check_precision(precision, where)
-    env = _Env(where, precision, grad_scaler(where, precision), augment, seed)
+    env = _Env(where, precision, grad_scaler(where, precision), augment, seed, here)
     torch.manual_seed(seed)
     if augment is not None and isinstance(train, Split) and train.teacher_logits:
         raise ConfigError("cached teacher logits cannot be used with random augmentation: the teacher must see the "
@@ -78,6 +82,7 @@ def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: in
     if len(batches) == 0:
         raise DataError(f"the training split of stage '{name}' is empty: check the data source")
     module = _prepare(task, batches, train, env, compile)
+    env = replace(env, forward=distributed.wrap(task, env.device, here))
     optimizer = make_optimizer(module, cfg)
     scheduler = make_scheduler(optimizer, cfg, max(1, len(batches)))
     last = best = None
@@ -91,14 +96,16 @@ def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: in
         record = {"stage": name, "epoch": epoch + 1,
                   **_train_epoch(task, batches, optimizer, scheduler, env, progress, last)}
         record[f"val_{task.metric}"] = _validate(task, module, val_batches, env) if val_batches else None
-        _update_best(result, record, task, epoch, module, best)
+        _update_best(result, record, task, epoch, module, best if here.main else None)
         result.history.append(record)
         result.stopped_early = cfg.patience is not None and epoch - result.best_epoch >= cfg.patience
-        if last is not None:
+        if last is not None and here.main:
             _save_state(last, module, optimizer, scheduler, env.scaler, result)
-        _emit(record, log_path, on_epoch)
+        if here.main:
+            _emit(record, log_path, on_epoch)
         if result.stopped_early:
             break
+    distributed.barrier(here)  # rank 0's best checkpoint is on disk before anyone reads it
     if best is not None and best.exists():
         module.load_state_dict(load_tensors(best, device=env.device)[0])
     elif result.best_state is not None:
@@ -115,12 +122,18 @@ def _batches(data, cfg: TrainConfig, env: _Env, shuffle: bool) -> Batches:
         return Batches(data, cfg.batch_size)
     if not isinstance(data, Split) and (isinstance(data, IterableDataset) or not hasattr(data, "__len__")):
         return Batches(data, cfg.batch_size)  # raises the DataError that says what data fit takes
+    here = env.group
     if shuffle:
         size = min(cfg.batch_size, max(1, len(data)))
+        if size % here.world:
+            raise ConfigError(f"batch_size {size} must be divisible by the {here.world} training processes: each "
+                              f"takes an equal share of every batch. Use a multiple of {here.world}.")
+        if here.active and 0 < len(data) < here.world:
+            raise DataError(f"{len(data)} training samples cannot be shared by {here.world} processes; use fewer.")
     else:  # validation: in-memory data takes large batches, a Dataset the training batch size
         size = max(cfg.batch_size, 1024 if isinstance(data, Split) else 0)
     return Batches(data, size, shuffle=shuffle, seed=env.seed, drop_last=shuffle, workers=cfg.workers,
-                   pin_memory=env.device.type == "cuda")
+                   pin_memory=env.device.type == "cuda", rank=here.rank, world=here.world)
 
 
 def _prepare(task: Task, batches: Batches, train, env: _Env, compile: bool) -> nn.Module:
@@ -168,17 +181,18 @@ def _train_epoch(task: Task, batches: Batches, optimizer, scheduler, env: _Env, 
     names = list(out.parts) if steps else []
     _check_finite(losses, parts, names, progress.epoch, last)
     seconds = time.perf_counter() - start_time
-    means = torch.stack(parts).mean(0).tolist() if parts else []
+    here = env.group
+    means = (distributed.all_sum(torch.stack(parts).mean(0), here) / here.world).tolist() if parts else []
     record = dict(zip(names, means))
     return {"loss": sum(record.values()), "parts": record, "lr": optimizer.param_groups[0]["lr"],
-            "samples_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
+            "samples_per_s": seen * here.world / max(seconds, 1e-9), "seconds": seconds}
 
 
 def _step(task: Task, batch: Batch, optimizer, env: _Env, progress: Progress):
     """Forward under autocast, backward (loss-scaled for fp16), optimiser step."""
     try:
         with autocast(env.device, env.precision):
-            out = task.forward(batch, progress)
+            out = env.forward(batch, progress)
     except IndexError as err:  # a label out of range in data the loop could not check up front (on the CPU;
         if "out of bounds" not in str(err) or "Target" not in str(err):  # a GPU stops with a device-side assert)
             raise
@@ -217,7 +231,8 @@ def _validate(task: Task, module: nn.Module, batches: Batches, env: _Env) -> flo
         with autocast(env.device, env.precision):
             score, n = task.score(batch.to(env.device))
         total, count = total + score, count + n
-    return float(total) / max(1.0, float(count))
+    both = distributed.all_sum(torch.stack([total.float(), count.float()]), env.group)  # every process's share
+    return float(both[0]) / max(1.0, float(both[1]))
 
 
 def _update_best(result: FitResult, record: dict, task: Task, epoch: int, module: nn.Module,

@@ -1,0 +1,93 @@
+"""Training on several processes: `torchrun --nproc-per-node N -m distil run RECIPE` or `distil run --nproc N`.
+
+`fit` reads the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK), joins the process group (gloo on CPUs,
+nccl on GPUs), gives each process its share of every global batch, wraps only the trainable part (the student and
+its connectors) in DistributedDataParallel, reduces the logged metrics across processes, and lets rank 0 alone
+write checkpoints, logs and reports. Teachers are replicated in eval mode and never wrapped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distil.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place among the training processes (rank 0 of 1 when there is no launcher)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def group() -> Group:
+    """The launcher's process group, joined on first use (gloo, or nccl when every process has a GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Group()
+    here = Group(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+        if backend == "gloo" and not dist.is_gloo_available():
+            raise ConfigError("several processes were launched, but this torch has neither the gloo nor the nccl "
+                              "backend: install a torch build with distributed support, or run one process")
+        dist.init_process_group(backend)
+    return here
+
+
+def device_for(spec: str, here: Group) -> str:
+    """Under several processes with GPUs, `auto`/`cuda` means this process's own GPU (LOCAL_RANK)."""
+    if here.active and spec in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{here.local_rank}"
+    return spec
+
+
+def barrier(here: Group) -> None:
+    if here.active:
+        dist.barrier()
+
+
+def all_sum(tensor: torch.Tensor, here: Group) -> torch.Tensor:
+    """The sum over processes (the tensor itself with one process)."""
+    if here.active:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class Step(nn.Module):
+    """What DDP wraps: the task's trainable module as a child (its parameters are synchronised), with a forward
+    that runs the task's step, so teachers and terms stay outside the wrapper."""
+
+    def __init__(self, task) -> None:
+        super().__init__()
+        self.trainable = task.trainable_module()
+        self._task = (task,)  # a tuple: not a submodule
+
+    def forward(self, batch, progress):
+        return self._task[0].forward(batch, progress)
+
+
+def wrap(task, device: torch.device, here: Group):
+    """A callable `(batch, progress) -> StepOutput`: the task's own forward, or through DDP under a launcher."""
+    if not here.active:
+        return task.forward
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(Step(task), device_ids=ids)

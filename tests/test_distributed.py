@@ -1,0 +1,71 @@
+"""Training on 2 CPU processes over gloo (torchrun) equals one process with the same global batch."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from distil.checkpoint import load_tensors
+
+SCRIPT = textwrap.dedent('''
+    import sys, torch
+    from torch import nn
+    from distil import CE, KD, ClassificationTask, Distiller, Split, TrainConfig, fit
+    from distil.checkpoint import save_tensors
+
+    def blobs(n=192):
+        g = torch.Generator().manual_seed(0)
+        y = torch.arange(n) % 3
+        return Split(torch.eye(4)[y] * 2 + 0.7 * torch.randn(n, 4, generator=g), y)
+
+    def mlp(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def train(out):
+        torch.set_num_threads(1)
+        cfg = TrainConfig(epochs=3, batch_size=32, lr=0.02)
+        teacher = mlp(1)
+        fit(ClassificationTask(teacher), blobs(), blobs(60), cfg, device="cpu", checkpoint_dir=out, name="t")
+        student = mlp(0)
+        distiller = Distiller(student, teacher, [KD(T=2, weight=0.7), CE(weight=0.3)])
+        result = fit(distiller, blobs(), blobs(60), cfg, device="cpu", checkpoint_dir=out, name="s")
+        return teacher, student, result
+
+    if __name__ == "__main__":
+        teacher, student, result = train(sys.argv[1])
+        import torch.distributed as dist
+        if dist.get_rank() == 0:
+            save_tensors(sys.argv[1] + "/ranks.safetensors",
+                         {**{"t." + k: v for k, v in teacher.state_dict().items()},
+                          **{"s." + k: v for k, v in student.state_dict().items()}},
+                         {"history": result.history})
+''')
+
+
+def test_two_gloo_processes_train_the_same_student_as_one(tmp_path, monkeypatch):
+    (tmp_path / "job.py").write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(tmp_path / "job.py"), str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two, meta = load_tensors(tmp_path / "ddp" / "ranks.safetensors")
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import job
+
+    teacher, student, result = job.train(str(tmp_path / "one"))
+    one = {**{"t." + k: v for k, v in teacher.state_dict().items()},
+           **{"s." + k: v for k, v in student.state_dict().items()}}
+    for name, value in one.items():
+        assert torch.allclose(value, two[name], atol=1e-5), name
+    # the logged parts and validation accuracy are reduced over both processes: they match the one-process run
+    for mine, theirs in zip(result.history, meta["history"]):
+        assert mine["val_acc"] == pytest.approx(theirs["val_acc"])
+        assert mine["parts"]["kd"] == pytest.approx(theirs["parts"]["kd"], rel=1e-4)
+    written = {p.name for p in (tmp_path / "ddp").iterdir()}  # rank 0's checkpoints only, no duplicates
+    assert written == {p.name for p in (tmp_path / "one").iterdir()} | {"ranks.safetensors"}
