@@ -69,3 +69,38 @@ def test_two_gloo_processes_train_the_same_student_as_one(tmp_path, monkeypatch)
         assert mine["parts"]["kd"] == pytest.approx(theirs["parts"]["kd"], rel=1e-4)
     written = {p.name for p in (tmp_path / "ddp").iterdir()}  # rank 0's checkpoints only, no duplicates
     assert written == {p.name for p in (tmp_path / "one").iterdir()} | {"ranks.safetensors"}
+
+
+def test_nproc_that_does_not_divide_the_batch_exits_2_before_launching(tmp_path, tiny_recipe):
+    import yaml
+    from typer.testing import CliRunner
+
+    from distil.cli import app
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe))
+    args = ["run", str(tmp_path / "r.yaml"), "--nproc", "3", "--run-dir", str(tmp_path / "x")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "teacher.train.batch_size 64 must be divisible by --nproc 3" in " ".join(result.output.split())
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_distil_run_on_two_processes_writes_one_report_close_to_one_process(tmp_path, tiny_recipe):
+    import yaml
+
+    from distil.build import load_recipe
+    from distil.pipeline import load_metrics, run_pipeline
+
+    tiny_recipe["teacher"]["train"]["epochs"] = tiny_recipe["student"]["train"]["epochs"] = 4
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "distil", "run", str(tmp_path / "r.yaml"), "--nproc", "2",
+                           "--run-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.count("report:") == 1  # rank 0 speaks for both
+    run_pipeline(load_recipe(tiny_recipe), tmp_path / "one")
+    two, one = load_metrics(tmp_path / "two")["models"], load_metrics(tmp_path / "one")["models"]
+    assert abs(two["student"]["accuracy"] - one["student"]["accuracy"]) <= 0.03
+    lines = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
+    assert len(lines) == len((tmp_path / "one" / "log.jsonl").read_text().splitlines())  # written once, by rank 0

@@ -6,6 +6,7 @@ Errors caused by input print one line and exit 2; `--debug` shows the traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 def _fail(err: Exception) -> None:
     if _state["debug"]:
         raise err
-    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+    console.quiet = False  # every process reports its own error
+    where = f" (process {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    console.print(f"[bold red]error{where}:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -69,6 +72,7 @@ def _pipeline(recipe: Path | None, run_dir: Path | None, overrides: list[str], f
     from distil.pipeline import load_metrics, run_pipeline
     from distil.recipe import apply_overrides, read_recipe
 
+    console.quiet = os.environ.get("RANK", "0") != "0"  # under several processes, rank 0 speaks for all
     try:
         saved = run_dir / "recipe.yaml" if run_dir else None
         source = recipe or (saved if saved and saved.exists() else DEFAULT_RECIPE)
@@ -97,6 +101,7 @@ def _pipeline(recipe: Path | None, run_dir: Path | None, overrides: list[str], f
 def run(recipe: Path = RECIPE_ARG, run_dir: Path = RUN_DIR,
         force: bool = typer.Option(False, "--force", help="Start over instead of resuming."),
         device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N | mps (the recipe's `device`)."),
+        nproc: int = typer.Option(1, "--nproc", min=1, help="Train on N processes (DDP; gloo on CPUs, nccl on GPUs)."),
         overrides: list[str] = SET) -> None:
     """Run the whole pipeline into a run folder: teacher, baseline, distill, compress and export (when
     the recipe enables them), report.
@@ -104,7 +109,42 @@ def run(recipe: Path = RECIPE_ARG, run_dir: Path = RUN_DIR,
     Rerunning resumes at the first stage whose output is missing; after a recipe change, it redoes
     the first stage the change affects and everything after it.
     """
-    _pipeline(recipe, run_dir, overrides + ([f"device={device}"] if device else []), force)
+    overrides = overrides + ([f"device={device}"] if device else [])
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _launch(nproc, recipe, run_dir, overrides, force)
+        return
+    _pipeline(recipe, run_dir, overrides, force)
+
+
+def _launch(nproc: int, recipe: Path | None, run_dir: Path | None, overrides: list[str], force: bool) -> None:
+    """Start `nproc` processes of this command with torchrun's launcher; the recipe is checked here first."""
+    import subprocess
+
+    from distil.build import load_recipe
+    from distil.recipe import apply_overrides, read_recipe
+
+    try:
+        source = recipe or DEFAULT_RECIPE
+        loaded = load_recipe(apply_overrides(read_recipe(source), list(overrides)), where=str(source))
+        for role in ("teacher", "student"):
+            size = getattr(loaded, role).train.batch_size
+            if size % nproc:
+                raise DistilError(f"{role}.train.batch_size {size} must be divisible by --nproc {nproc}: each "
+                                  f"process takes an equal share of every batch. Use a multiple of {nproc}, or "
+                                  "another --nproc.")
+    except DistilError as err:
+        _fail(err)
+    args = [str(recipe)] if recipe else []
+    args += ["--run-dir", str(run_dir)] if run_dir else []
+    args += ["--force"] if force else []
+    args += [item for override in overrides for item in ("--set", override)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "distil", *(["--debug"] if _state["debug"] else []), "run", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # the processes print progress and errors themselves; the launcher's own failure report only with --debug
+    done = subprocess.run(command, env=env, stderr=None if _state["debug"] else subprocess.PIPE, text=True)
+    if done.returncode:
+        raise typer.Exit(2 if done.returncode != 130 else 130)
 
 
 @app.command()

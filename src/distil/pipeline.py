@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from distil import distributed
 from distil.build import augment_and_normalize
 from distil.checkpoint import atomic_write
 from distil.data import load_splits
@@ -104,7 +105,9 @@ def open_run(recipe: Recipe, run_dir: Path, force: bool = False, on_epoch=None, 
             raise DistilError(f"the recipe differs from {Path(run_dir) / 'recipe.yaml'} in a section that stage "
                               f"'{first}' depends on: `distil {only}` runs one stage only. Use `distil run` to redo "
                               f"'{first}' and what follows.")
-    prepare_run_dir(recipe, run_dir, force)
+    if run.group.main:
+        prepare_run_dir(recipe, run_dir, force)
+    distributed.barrier(run.group)
     return run
 
 
@@ -130,8 +133,18 @@ def run_pipeline(recipe: Recipe, run_dir: Path, force: bool = False,
         todo = list(outputs)[list(outputs).index(missing[0]):] if missing else []
     for name in todo:
         log.info("stage %s", name)
-        STAGES[name].run(run)
+        if name in ALONE:  # no training across processes: rank 0 alone (export's QAT fine-tune included)
+            if run.group.main:
+                run.alone = True
+                STAGES[name].run(run)
+                run.alone = False
+        else:
+            STAGES[name].run(run)
+        distributed.barrier(run.group)  # every process sees this stage's files before the next one reads them
     return todo
+
+
+ALONE = ("export", "report")  # stages that rank 0 runs alone under several processes
 
 
 def load_metrics(run_dir: Path) -> dict:

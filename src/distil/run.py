@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distil import distributed
 from distil.batches import Batch
 from distil.build import build_terms
 from distil.data import Data, Split, Splits, in_memory, take
@@ -34,13 +35,15 @@ class Run:
     on_epoch: Callable[[dict], None] | None = None
     on_stage: Callable[[str, int], None] | None = None
     augment: Callable | None = field(default=None)
+    group: distributed.Group = field(default_factory=distributed.group)  # the training processes (torchrun)
+    alone: bool = False  # train in this process only (export's QAT and the report run on rank 0 alone)
 
     def path(self, name: str) -> Path:
         return self.run_dir / name
 
     @cached_property
     def device(self) -> torch.device:
-        return resolve_device(self.recipe.device)
+        return resolve_device(distributed.device_for(self.recipe.device, self.group))
 
     @cached_property
     def val(self) -> Split:
@@ -111,6 +114,7 @@ class Run:
             self.on_stage(name, cfg.epochs)
         r = self.recipe
         return fit(task, train, self.splits.val, cfg, name=name, seed=r.seed, device=self.device,
+                   group=distributed.Group() if self.alone else self.group,
                    precision=r.precision, compile=r.compile, augment=self.augment,
                    checkpoint_dir=self.path("checkpoints") if record else None,
                    log_path=self.path("log.jsonl") if record else None, on_epoch=self.on_epoch if record else None)
@@ -140,6 +144,8 @@ class Run:
 
     def save(self, model: nn.Module, name: str, role: str | ModelSection, **extra) -> None:
         """Write `model` as `<name>.safetensors`, with the spec of its section (a role's, or any ModelSection)."""
+        if not self.group.main:
+            return  # rank 0 writes the run's files
         section: ModelSection = getattr(self.recipe, role) if isinstance(role, str) else role
         spec = {"model": section.model, "knobs": section.knobs(), "input_shape": list(self.splits.input_shape),
                 "num_classes": self.splits.num_classes, "class_names": self.splits.class_names}

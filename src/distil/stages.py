@@ -73,7 +73,8 @@ def stage_baseline(run: Run) -> None:
 def stage_distill(run: Run) -> None:
     student = run.model("student")
     distiller = run.distill(student, run.teachers(), run.recipe.student.train, "distill")
-    distiller.cpu().save_connectors(run.path("student.connectors.safetensors"))
+    if run.group.main:
+        distiller.cpu().save_connectors(run.path("student.connectors.safetensors"))
     run.save(student, "student", "student")  # last: its presence marks the stage done
 
 

@@ -61,15 +61,16 @@ class _Env:
 def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: int = 0,
         device: str | torch.device = "auto", precision: str = "fp32", compile: bool = False,
         augment: Augmenter | None = None, checkpoint_dir: Path | None = None, log_path: Path | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+        on_epoch: Callable[[dict], None] | None = None, group: distributed.Group | None = None) -> FitResult:
     """Train `task` on `train`, validating on `val` each epoch; the best weights are restored at the end.
 
     `train`/`val`: a `Split`, a map-style `Dataset` yielding `(input, target)`, or a `DataLoader`.
     `augment(inputs, generator)` transforms each training batch on the device; the student and its
     teachers see the same view. With `checkpoint_dir`, `<name>-last.safetensors` (full state) and
-    `<name>-best.safetensors` are written each epoch, and a rerun resumes from the last one.
+    `<name>-best.safetensors` are written each epoch, and a rerun resumes from the last one. Under a launcher
+    (torchrun) it trains on every process, unless `group` says otherwise (`Group()`: this process alone).
     """
-    here = distributed.group()
+    here = distributed.group() if group is None else group
     where = resolve_device(distributed.device_for(device, here) if isinstance(device, str) else device)
     check_precision(precision, where)
     env = _Env(where, precision, grad_scaler(where, precision), augment, seed, here)
