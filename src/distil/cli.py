@@ -213,6 +213,29 @@ def experiment(name: str = typer.Argument(..., help="methods"),
     console.print(f"wrote: {path}")
 
 
+@app.command()
+def cache(action: str = typer.Argument(..., help="info | clear"),
+          folder: Path = typer.Option(None, "--dir", help="Cache folder; default $DISTIL_CACHE/teachers.")) -> None:
+    """Show or empty the teacher-output cache (teacher logits reused across runs)."""
+    from distil.cache import TeacherCache
+
+    store = TeacherCache(folder)
+    if action == "info":
+        entries = store.index()
+        total = sum(e["bytes"] for e in entries.values())
+        noun = "entry" if len(entries) == 1 else "entries"
+        console.print(f"{store.folder}: {len(entries)} {noun}, {total / 2**20:.1f} MiB")
+        for key, e in entries.items():
+            console.print(f"  {key}  {e['dtype']} {e['shape']}  {e['bytes'] / 2**20:.1f} MiB  {e['created']}",
+                          highlight=False)
+    elif action == "clear":
+        console.print(f"{store.folder}: removed {store.clear()} entries")
+    else:
+        from distil.errors import did_you_mean
+
+        _fail(DistilError(f"unknown cache action '{action}'." + did_you_mean(action, ["info", "clear"])))
+
+
 @app.command(name="list")
 def list_(what: str = typer.Argument(..., help="methods | models | datasets | augmentations")) -> None:
     """Print the loss methods, models, data sources or augmentations that exist, one per line."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from distil.batches import Batch, Progress
+from distil.cache import TeacherCache, cache_key
 from distil.checkpoint import save_tensors
 from distil.data import Split
 from distil.errors import ConfigError, DataError, ModelError
@@ -141,6 +142,7 @@ class Distiller(nn.Module):
         read = set(self._term_teacher).union(*ensembles)
         self.needed = [name for name in teachers if name in read]  # teachers run each step
         self.num_classes: int | None = None
+        self.cache_events: dict[str, dict] = {}
 
     @property
     def teachers(self) -> dict[str, nn.Module]:
@@ -210,21 +212,32 @@ class Distiller(nn.Module):
                 outputs[name] = Outputs(teachers[name](batch.inputs), taps.outputs)
         return Views(outputs, batch.targets, tuple(teachers), batch.index, batch.mask, progress or Progress())
 
-    def with_teacher_logits(self, split: Split, batch_size: int = 1024) -> Split:
+    def with_teacher_logits(self, split: Split, batch_size: int = 1024, cache: TeacherCache | None = None) -> Split:
         """`split` with each teacher's logits precomputed, so training skips the teachers' forward passes.
 
         Exact because teachers are frozen in eval mode and the inputs are fixed tensors: never use it
-        with random augmentation. A teacher whose features a term reads still runs each step.
+        with random augmentation. A teacher whose features a term reads still runs each step. With a
+        `cache`, logits are read from (or stored in) it, keyed by the teacher's weights and the inputs;
+        `cache_events` then says, per teacher, whether they were reused or built.
         """
-        cached = {}
+        cached, self.cache_events = {}, {}
         for name in self.needed:
             if self.teacher_taps[name].modules:
                 continue
             teacher = self.teachers[name]
-            device = next(teacher.parameters(), torch.empty(0)).device
-            with torch.no_grad():
-                cached[name] = torch.cat([teacher(split.x[i:i + batch_size].to(device)).cpu()
-                                          for i in range(0, len(split), batch_size)])  # (N, K)
+
+            def compute(teacher: nn.Module = teacher) -> torch.Tensor:
+                device = next(teacher.parameters(), torch.empty(0)).device
+                with torch.no_grad():  # not inference_mode: the logits later enter autograd as targets
+                    return torch.cat([teacher(split.x[i:i + batch_size].to(device)).cpu()
+                                      for i in range(0, len(split), batch_size)])  # (N, K)
+
+            if cache is None:
+                cached[name] = compute()
+            else:
+                key = cache_key(teacher, split.x)
+                cached[name] = cache.get(key, compute)
+                self.cache_events[name] = {"key": key, "status": cache.last_event}
         return Split(split.x, split.y, {**(split.teacher_logits or {}), **cached}) if cached else split
 
     def forward(self, batch: Batch, progress: Progress | None = None) -> StepOutput:

@@ -83,6 +83,10 @@ class DistillSection(_Section):
         default_factory=lambda: [{"kind": "kd", "weight": 0.9, "T": 4.0}, {"kind": "ce", "weight": 0.1}],
         min_length=1)
     use_transfer: bool = True  # add the source's unlabeled transfer set to the training split
+    # teacher logits computed once and kept on disk, reused by every run with the same teacher and data
+    cache: bool = True
+    cache_dir: str | None = None  # default $DISTIL_CACHE/teachers
+    cache_memory_mb: float = Field(256.0, ge=0)  # entries up to this size are read into memory, larger ones mapped
 
 
 class CompressSection(_Section):

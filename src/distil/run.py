@@ -3,6 +3,7 @@ building, training, distilling, saving and loading the run's models."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -14,6 +15,7 @@ from torch import nn
 from distil import distributed
 from distil.batches import Batch
 from distil.build import build_terms
+from distil.cache import TeacherCache
 from distil.data import Data, Split, Splits, in_memory, take
 from distil.device import resolve_device
 from distil.distiller import Distiller, hinton_terms
@@ -134,9 +136,21 @@ class Run:
         distiller = Distiller(student, teacher, terms).to(self.device)
         train = self.distill_train()
         if isinstance(train, Split) and not self.augment:
-            train = distiller.with_teacher_logits(train)
+            d = self.recipe.distill
+            cache = TeacherCache(d.cache_dir, d.cache_memory_mb) if d.cache else None
+            train = distiller.with_teacher_logits(train, cache=cache)
+            for teacher_name, event in distiller.cache_events.items():
+                self.log_event({"stage": name, "event": "teacher_cache", "teacher": teacher_name, **event,
+                                "folder": str(cache.folder)})
         self.fit(distiller, train, section, name, record=record)
         return distiller
+
+    def log_event(self, record: dict) -> None:
+        """A line of log.jsonl that is not an epoch (rank 0 writes it)."""
+        if self.group.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.path("log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def terms(self) -> list[nn.Module]:
         """The recipe's loss terms; terms that keep a row per sample (CRD) get the distillation set's size."""

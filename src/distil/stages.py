@@ -236,7 +236,7 @@ def report_notes(run: Run) -> list[str]:
              "steps as the distilled student",
              f"latency: median of {r.report.latency_runs} batch-1 runs after warm-up; throughput at batch "
              f"{r.report.throughput_batch}; {torch.get_num_threads()} thread(s) for PyTorch and onnxruntime alike"]
-    notes += scheme_notes(r)
+    notes += scheme_notes(r) + cache_notes(run.path("log.jsonl"))
     if r.compress.enabled:
         c = r.compress
         info = load_model_file(run.path(f"{c.source}-pruned.safetensors"))[1].get("pruning", {})
@@ -269,6 +269,19 @@ def report_notes(run: Run) -> list[str]:
     return notes
 
 
+def cache_notes(path: Path) -> list[str]:
+    """What the teacher cache did for each distillation of the run (its latest event per stage and teacher)."""
+    if not path.exists():
+        return []
+    events = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("event") == "teacher_cache":
+            events[(record["stage"], record["teacher"])] = record
+    return [f"{stage}: teacher '{teacher}' logits {e['status']} from the teacher cache (entry {e['key']} in "
+            f"{e['folder']})" for (stage, teacher), e in events.items()]
+
+
 def read_history(path: Path) -> list[dict]:
     """Epoch records of log.jsonl; a stage that resumed keeps only its latest record per epoch."""
     if not path.exists():
@@ -277,7 +290,8 @@ def read_history(path: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            records[(record["stage"], record["epoch"])] = record
+            if "epoch" in record:  # events (a reused teacher cache, ...) are not epochs
+                records[(record["stage"], record["epoch"])] = record
     order = list(dict.fromkeys(r["stage"] for r in records.values()))
     return sorted(records.values(), key=lambda r: (order.index(r["stage"]), r["epoch"]))
 

@@ -1,0 +1,121 @@
+"""The teacher-output cache: a frozen teacher's logits on fixed inputs, computed once and kept on disk.
+
+An entry is keyed by a hash of the teacher's weights, the inputs (the data after its preprocessing) and what was
+computed, so a temperature sweep, a second student or a rerun after `--force` reuses it, and a changed teacher or
+data set never gets stale targets. Entries are `.npy` files read memory-mapped (held in memory below
+`memory_mb`), with a JSON index holding each file's checksum: a truncated or altered file is reported and rebuilt.
+No pickles. `distil cache info|clear` manages the folder ($DISTIL_CACHE/teachers by default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from distil.checkpoint import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def default_folder() -> Path:
+    return Path(os.environ.get("DISTIL_CACHE", Path.home() / ".cache" / "distil")) / "teachers"
+
+
+def cache_key(teacher: nn.Module, inputs: torch.Tensor, what: str = "logits") -> str:
+    """A hash of the teacher's weights (names, shapes, values), the inputs and `what` is computed from them."""
+    digest = hashlib.blake2b(digest_size=12)
+    for name, tensor in sorted(teacher.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(f"{tuple(inputs.shape)}:{inputs.dtype}".encode())
+    digest.update(inputs.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(what.encode())
+    return digest.hexdigest()
+
+
+def _checksum(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=12)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class TeacherCache:
+    """A folder of cached teacher outputs: `get(key, compute)` returns the stored tensor or computes and stores it.
+
+    `last_event` says what the latest `get` did: "reused", "built" or "rebuilt (<why>)".
+    """
+
+    def __init__(self, folder: str | Path | None = None, memory_mb: float = 256.0) -> None:
+        self.folder = Path(folder) if folder else default_folder()
+        self.memory_mb = memory_mb
+        self.last_event = ""
+
+    @property
+    def index_path(self) -> Path:
+        return self.folder / "index.json"
+
+    def index(self) -> dict[str, dict]:
+        try:
+            return json.loads(self.index_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        entry, path = self.index().get(key), self.folder / f"{key}.npy"
+        problem = self._problem(entry, path)
+        if problem is None:
+            self.last_event = "reused"
+            return self._read(path, entry)
+        if problem != "absent":
+            log.warning("teacher cache entry %s is %s: rebuilding it", key, problem)
+        values = compute().detach().cpu().contiguous()
+        self._write(key, path, values)
+        self.last_event = "built" if problem == "absent" else f"rebuilt ({problem})"
+        return values
+
+    def _problem(self, entry: dict | None, path: Path) -> str | None:
+        if entry is None or not path.is_file():
+            return "absent"
+        if path.stat().st_size != entry["bytes"]:
+            return f"truncated ({path.stat().st_size} of {entry['bytes']} bytes)"
+        if _checksum(path) != entry["checksum"]:
+            return "corrupt (checksum mismatch)"
+        return None
+
+    def _read(self, path: Path, entry: dict) -> torch.Tensor:
+        in_memory = entry["bytes"] <= self.memory_mb * 2**20
+        array = np.load(path, mmap_mode=None if in_memory else "c", allow_pickle=False)  # c: copy on write
+        return torch.from_numpy(array)
+
+    def _write(self, key: str, path: Path, values: torch.Tensor) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, values.numpy(), allow_pickle=False)
+
+        atomic_write(path, save)
+        index = self.index()
+        index[key] = {"bytes": path.stat().st_size, "checksum": _checksum(path), "shape": list(values.shape),
+                      "dtype": str(values.dtype).removeprefix("torch."), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        payload = json.dumps(index, indent=1)
+        atomic_write(self.index_path, lambda tmp: tmp.write_text(payload))
+
+    def clear(self) -> int:
+        """Remove every entry; return how many files were removed."""
+        removed = 0
+        for path in self.folder.glob("*.npy"):
+            path.unlink()
+            removed += 1
+        self.index_path.unlink(missing_ok=True)
+        return removed
