@@ -119,3 +119,26 @@ class TeacherCache:
             removed += 1
         self.index_path.unlink(missing_ok=True)
         return removed
+
+
+def top_k_pack(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep each row's k largest logits, their classes, and the log of the other classes' total mass (at T=1).
+
+    (N, K) -> (N, 2k + 1): [values (k) | class indices as floats (k) | log sum exp of the rest (1)]. The rest is
+    -inf when k == K. As in DistillKit's sparse targets, the classes outside the top k are later given equal shares
+    of that mass.
+    """
+    values, indices = logits.topk(k, dim=-1)  # (N, k)
+    rest = logits.scatter(-1, indices, float("-inf")).logsumexp(-1, keepdim=True)  # (N, 1)
+    return torch.cat([values, indices.float(), rest], dim=-1)
+
+
+def top_k_unpack(packed: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Dense (N, K) logits from `top_k_pack`: the top k as stored, every other class at log(rest mass / (K - k)),
+    so softmax at T=1 keeps the stored probabilities and the rest's total; exact when k == K."""
+    k = (packed.shape[-1] - 1) // 2
+    values, indices, rest = packed[:, :k], packed[:, k:2 * k].long(), packed[:, -1:]
+    others = num_classes - k
+    fill = rest - torch.log(torch.tensor(float(max(others, 1))))  # (N, 1): each remaining class's logit
+    dense = fill.expand(-1, num_classes).clone()
+    return dense.scatter(-1, indices, values)

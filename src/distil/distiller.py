@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from distil.batches import Batch, Progress
-from distil.cache import TeacherCache, cache_key
+from distil.cache import TeacherCache, cache_key, top_k_pack, top_k_unpack
 from distil.checkpoint import save_tensors
 from distil.data import Split
 from distil.errors import ConfigError, DataError, ModelError
@@ -212,13 +212,16 @@ class Distiller(nn.Module):
                 outputs[name] = Outputs(teachers[name](batch.inputs), taps.outputs)
         return Views(outputs, batch.targets, tuple(teachers), batch.index, batch.mask, progress or Progress())
 
-    def with_teacher_logits(self, split: Split, batch_size: int = 1024, cache: TeacherCache | None = None) -> Split:
+    def with_teacher_logits(self, split: Split, batch_size: int = 1024, cache: TeacherCache | None = None,
+                            top_k: int | None = None) -> Split:
         """`split` with each teacher's logits precomputed, so training skips the teachers' forward passes.
 
         Exact because teachers are frozen in eval mode and the inputs are fixed tensors: never use it
         with random augmentation. A teacher whose features a term reads still runs each step. With a
         `cache`, logits are read from (or stored in) it, keyed by the teacher's weights and the inputs;
-        `cache_events` then says, per teacher, whether they were reused or built.
+        `cache_events` then says, per teacher, whether they were reused or built. With `top_k`, only each
+        sample's k largest logits and the rest's total mass are kept (`distil.cache.top_k_pack`); the other
+        classes share that mass equally when the targets are rebuilt.
         """
         cached, self.cache_events = {}, {}
         for name in self.needed:
@@ -232,12 +235,17 @@ class Distiller(nn.Module):
                     return torch.cat([teacher(split.x[i:i + batch_size].to(device)).cpu()
                                       for i in range(0, len(split), batch_size)])  # (N, K)
 
+            classes = compute_classes(teacher, split) if top_k is not None else 0
+            if top_k is not None and not 1 <= top_k <= classes:
+                raise ConfigError(f"top_k={top_k}: keep between 1 and the {classes} classes of teacher '{name}'")
+            stored = compute if top_k is None else (lambda compute=compute: top_k_pack(compute(), top_k))
             if cache is None:
-                cached[name] = compute()
+                values = stored()
             else:
-                key = cache_key(teacher, split.x)
-                cached[name] = cache.get(key, compute)
-                self.cache_events[name] = {"key": key, "status": cache.last_event}
+                key = cache_key(teacher, split.x, "logits" if top_k is None else f"top{top_k}")
+                values = cache.get(key, stored)
+                self.cache_events[name] = {"key": key, "status": cache.last_event, "top_k": top_k}
+            cached[name] = values if top_k is None else top_k_unpack(values, classes)
         return Split(split.x, split.y, {**(split.teacher_logits or {}), **cached}) if cached else split
 
     def forward(self, batch: Batch, progress: Progress | None = None) -> StepOutput:
@@ -256,6 +264,13 @@ class Distiller(nn.Module):
     def save_connectors(self, path) -> None:
         """Write the connectors (training-only parts) to their own file, apart from the student."""
         save_tensors(path, {k: v for k, v in self.terms.state_dict().items()})
+
+
+def compute_classes(teacher: nn.Module, split: Split) -> int:
+    """The number of classes a teacher gives, from one sample."""
+    device = next(teacher.parameters(), torch.empty(0)).device
+    with torch.no_grad():
+        return teacher(split.x[:1].to(device)).shape[-1]
 
 
 def _check_participants(student: nn.Module, teachers: dict[str, nn.Module], terms: list) -> None:

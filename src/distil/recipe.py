@@ -87,6 +87,7 @@ class DistillSection(_Section):
     cache: bool = True
     cache_dir: str | None = None  # default $DISTIL_CACHE/teachers
     cache_memory_mb: float = Field(256.0, ge=0)  # entries up to this size are read into memory, larger ones mapped
+    top_k: int | None = Field(None, ge=1)  # keep only each sample's k largest teacher logits (and the rest's mass)
 
 
 class CompressSection(_Section):

@@ -138,7 +138,7 @@ class Run:
         if isinstance(train, Split) and not self.augment:
             d = self.recipe.distill
             cache = TeacherCache(d.cache_dir, d.cache_memory_mb) if d.cache else None
-            train = distiller.with_teacher_logits(train, cache=cache)
+            train = distiller.with_teacher_logits(train, cache=cache, top_k=d.top_k)
             for teacher_name, event in distiller.cache_events.items():
                 self.log_event({"stage": name, "event": "teacher_cache", "teacher": teacher_name, **event,
                                 "folder": str(cache.folder)})
