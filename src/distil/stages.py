@@ -279,7 +279,9 @@ def cache_notes(path: Path) -> list[str]:
         if record.get("event") == "teacher_cache":
             events[(record["stage"], record["teacher"])] = record
     return [f"{stage}: teacher '{teacher}' logits {e['status']} from the teacher cache (entry {e['key']} in "
-            f"{e['folder']})" for (stage, teacher), e in events.items()]
+            f"{e['folder']})" + (f"; only the top {e['top_k']} logits per sample kept, the other classes sharing "
+                                  "the rest of the probability" if e.get("top_k") else "")
+            for (stage, teacher), e in events.items()]
 
 
 def read_history(path: Path) -> list[dict]:
