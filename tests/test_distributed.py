@@ -104,3 +104,36 @@ def test_distil_run_on_two_processes_writes_one_report_close_to_one_process(tmp_
     assert abs(two["student"]["accuracy"] - one["student"]["accuracy"]) <= 0.03
     lines = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
     assert len(lines) == len((tmp_path / "one" / "log.jsonl").read_text().splitlines())  # written once, by rank 0
+
+
+CRD_JOB = textwrap.dedent('''
+    import sys, torch
+    from torch import nn
+    from distil import CE, Distiller, Split, TrainConfig, fit
+    from distil.checkpoint import save_tensors
+    from distil.losses import CRD
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.arange(64) % 3
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    teacher = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    crd = CRD(student="1", teacher="1", num_samples=64, feat_dim=8, negatives=16)
+    fit(Distiller(student, teacher, [crd, CE()]), Split(x, y), None, TrainConfig(epochs=1, batch_size=32), device="cpu")
+    import torch.distributed as dist
+    if dist.get_rank() == 0:
+        save_tensors(sys.argv[1], {"memory": crd.student_memory})
+''')
+
+
+def test_crd_memory_banks_hold_every_processs_rows(tmp_path):
+    (tmp_path / "crd_job.py").write_text(CRD_JOB)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(tmp_path / "crd_job.py"), str(tmp_path / "bank.safetensors")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    memory = load_tensors(tmp_path / "bank.safetensors")[0]["memory"]
+    updated = (memory.norm(dim=1) - 1).abs() < 1e-5  # updated rows are unit vectors, initial ones are not
+    assert int(updated.sum()) == 64  # both processes' rows, not only rank 0's 32

@@ -128,7 +128,8 @@ class _Shard:
 
     def __iter__(self):
         for batch in self.batches:
-            yield batch[self.rank::self.world]
+            if share := batch[self.rank::self.world]:  # a short last validation batch may leave some none
+                yield share
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -211,6 +212,8 @@ class Batches:
             idx = order[start:start + size] if order is not None else torch.arange(
                 start, min(n, start + size), device=split.x.device)  # index_select: faster than t[idx] on the CPU
             idx = idx[self.rank::self.world]  # this process's share of the global batch
+            if len(idx) == 0:
+                continue
             cached = {name: logits.index_select(0, idx) for name, logits in (split.teacher_logits or {}).items()}
             yield Batch(split.x.index_select(0, idx), split.y.index_select(0, idx), idx, None, cached)
 

@@ -8,6 +8,7 @@ names a recipe refers to (sources, models, losses, run models) that the schema a
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,10 @@ def check_references(recipe: Recipe) -> None:
     for where, section in sections.items():
         if section.model in MODELS:
             bind_kwargs(resolve_factory(section.model), section.knobs(), f"{where} (model '{section.model}')")
-    if "student" in s.teachers:
-        raise RecipeError("schemes.teachers: 'student' names the model being trained; call the teacher otherwise")
+    for name in s.teachers:
+        if name in ("student", "teacher") or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise RecipeError(f"schemes.teachers: '{name}' cannot name a teacher: use letters, digits, '_' and '-', "
+                              "and neither 'student' (the model being trained) nor 'teacher' (the recipe's teacher)")
     names = ["teacher", "baseline", "student"]
     if recipe.compress.enabled:
         names += [f"{recipe.compress.source}-pruned", f"{recipe.compress.source}-pruned-labels"]

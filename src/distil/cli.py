@@ -143,6 +143,8 @@ def _launch(nproc: int, recipe: Path | None, run_dir: Path | None, overrides: li
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     # the processes print progress and errors themselves; the launcher's own failure report only with --debug
     done = subprocess.run(command, env=env, stderr=None if _state["debug"] else subprocess.PIPE, text=True)
+    if done.returncode and done.stderr and "Traceback (most recent call last)" in done.stderr:
+        print(done.stderr[-6000:], file=sys.stderr)  # a crash in a process, not an input error: show it whole
     if done.returncode:
         raise typer.Exit(2 if done.returncode != 130 else 130)
 

@@ -38,6 +38,10 @@ def first_changed_stage(recipe: Recipe, run_dir: Path) -> str | None:
     if not saved.exists():
         return None
     old, new = yaml.safe_load(saved.read_text()) or {}, recipe.model_dump(mode="json")
+    try:  # fields added since the folder was written compare at their defaults
+        old = Recipe.model_validate(old).model_dump(mode="json")
+    except ValueError:
+        pass
     changed = [name for name, stage in STAGES.items() if any(_at(old, k) != _at(new, k) for k in stage.depends)]
     return changed[0] if changed else None
 
@@ -99,6 +103,7 @@ def open_run(recipe: Recipe, run_dir: Path, force: bool = False, on_epoch=None, 
                          recipe.data.test_fraction, normalize)
     run = Run(recipe, Path(run_dir), splits, on_epoch, on_stage, augment or None)
     run.check_models()
+    run.check_batch_sizes()
     if only is not None:
         first = first_changed_stage(recipe, Path(run_dir))
         if first is not None and list(STAGES).index(first) < list(STAGES).index(only):
@@ -134,17 +139,16 @@ def run_pipeline(recipe: Recipe, run_dir: Path, force: bool = False,
     for name in todo:
         log.info("stage %s", name)
         if name in ALONE:  # no training across processes: rank 0 alone (export's QAT fine-tune included)
-            if run.group.main:
-                run.alone = True
-                STAGES[name].run(run)
-                run.alone = False
-        else:
-            STAGES[name].run(run)
-        distributed.barrier(run.group)  # every process sees this stage's files before the next one reads them
+            if not run.group.main:
+                break  # the other processes are done: nothing they could wait for has a time limit
+            run.alone = True
+        STAGES[name].run(run)
+        if name not in ALONE:
+            distributed.barrier(run.group)  # every process sees this stage's files before the next one reads them
     return todo
 
 
-ALONE = ("export", "report")  # stages that rank 0 runs alone under several processes
+ALONE = ("export", "report")  # the last stages; rank 0 runs them alone under several processes
 
 
 def load_metrics(run_dir: Path) -> dict:

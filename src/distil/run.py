@@ -70,6 +70,19 @@ class Run:
         extra = {name: self.load(f"teacher-{name}") for name in self.recipe.schemes.teachers}
         return {"teacher": self.load("teacher"), **extra} if extra else self.load("teacher")
 
+    def check_batch_sizes(self) -> None:
+        """Under several processes every training batch is shared equally: each batch_size must divide by their
+        number (checked before any training)."""
+        r, world = self.recipe, self.group.world
+        sections = {"teacher.train": r.teacher.train, "student.train": r.student.train,
+                    **({"compress.finetune": r.compress.finetune} if r.compress.enabled else {}),
+                    **{f"schemes.teachers.{n}.train": m.train for n, m in r.schemes.teachers.items()},
+                    **{f"schemes.assistants[{i}].train": m.train for i, m in enumerate(r.schemes.assistants)}}
+        for where, section in sections.items():
+            if section.batch_size % world:
+                raise ConfigError(f"{where}.batch_size {section.batch_size} must be divisible by the {world} training "
+                                  f"processes: each takes an equal share of every batch. Use a multiple of {world}.")
+
     def check_models(self) -> None:
         """Fail before any training if a model's output does not fit the data, or a loss term its models."""
         sample = take(self.splits.train, [0, min(1, len(self.splits.train) - 1)]).x
@@ -138,7 +151,11 @@ class Run:
         if isinstance(train, Split) and not self.augment:
             d = self.recipe.distill
             cache = TeacherCache(d.cache_dir, d.cache_memory_mb) if d.cache else None
+            if cache is not None and not self.group.main:
+                distributed.barrier(self.group)  # rank 0 builds the cache entry; the others then read it
             train = distiller.with_teacher_logits(train, cache=cache, top_k=d.top_k)
+            if cache is not None and self.group.main:
+                distributed.barrier(self.group)
             for teacher_name, event in distiller.cache_events.items():
                 self.log_event({"stage": name, "event": "teacher_cache", "teacher": teacher_name, **event,
                                 "folder": str(cache.folder)})

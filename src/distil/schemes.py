@@ -99,7 +99,7 @@ class EMASelfDistiller(nn.Module):
 
     metric, higher_is_better = "acc", True
 
-    def __init__(self, model: nn.Module, decay: float = 0.999, T: float = 4.0, ce_weight: float = 1.0,
+    def __init__(self, model: nn.Module, decay: float = 0.99, T: float = 4.0, ce_weight: float = 1.0,
                  kd_weight: float = 1.0, warmup: int = 5) -> None:
         super().__init__()
         if not 0 < decay < 1:

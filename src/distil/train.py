@@ -120,6 +120,11 @@ def _batches(data, cfg: TrainConfig, env: _Env, shuffle: bool) -> Batches:
     if isinstance(data, Split) and env.device.type != "cpu":
         data = data.to(env.device)
     if isinstance(data, DataLoader):
+        from torch.utils.data import DistributedSampler
+
+        if env.group.active and not isinstance(data.sampler, DistributedSampler):
+            raise ConfigError("under several processes your own DataLoader must split the data between them: give "
+                              "it a torch.utils.data.DistributedSampler, or pass the Dataset and let distil batch it")
         return Batches(data, cfg.batch_size)
     if not isinstance(data, Split) and (isinstance(data, IterableDataset) or not hasattr(data, "__len__")):
         return Batches(data, cfg.batch_size)  # raises the DataError that says what data fit takes

@@ -296,6 +296,9 @@ class CRD(FeaturePairs):
 
     @torch.no_grad()
     def _remember(self, index: torch.Tensor, student_embed: torch.Tensor, teacher_embed: torch.Tensor) -> None:
+        """Update the banks at this batch's rows; under several processes, at every process's rows, so that the
+        banks stay the same everywhere (DDP would otherwise broadcast rank 0's, missing the others' rows)."""
+        index, student_embed, teacher_embed = (_gathered(t) for t in (index, student_embed, teacher_embed))
         for memory, embed in ((self.student_memory, student_embed), (self.teacher_memory, teacher_embed)):
             mixed = memory.index_select(0, index) * self.momentum + embed.to(memory.dtype) * (1 - self.momentum)
             memory.index_copy_(0, index, F.normalize(mixed, dim=1))
@@ -334,3 +337,14 @@ def _check_index(index: torch.Tensor | None, num_samples: int, at_build: bool = 
                               f"of num_samples={num_samples} rows: num_samples must be the training set size "
                               "(len of the training data), and indices 0..num_samples-1.")
     return index
+
+
+def _gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor of every training process, concatenated (itself with one process). Shares are equal in size."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
