@@ -44,7 +44,9 @@ def check_references(recipe: Recipe) -> None:
         if name in ("student", "teacher") or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
             raise RecipeError(f"schemes.teachers: '{name}' cannot name a teacher: use letters, digits, '_' and '-', "
                               "and neither 'student' (the model being trained) nor 'teacher' (the recipe's teacher)")
-    names = ["teacher", "baseline", "student"]
+    from distil.scheme_stages import scheme_models  # the run's models (a lazy import: stages build on this module)
+
+    names = ["teacher", "baseline", "student", *scheme_models(recipe)]
     if recipe.compress.enabled:
         names += [f"{recipe.compress.source}-pruned", f"{recipe.compress.source}-pruned-labels"]
     for name in recipe.export.quantize if recipe.export.enabled else []:
