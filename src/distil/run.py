@@ -151,11 +151,12 @@ class Run:
         if isinstance(train, Split) and not self.augment:
             d = self.recipe.distill
             cache = TeacherCache(d.cache_dir, d.cache_memory_mb) if d.cache else None
-            if cache is not None and not self.group.main:
-                distributed.barrier(self.group)  # rank 0 builds the cache entry; the others then read it
+            group = distributed.Group() if self.alone else self.group  # export's QAT: rank 0 alone, no barrier
+            if cache is not None and not group.main:
+                distributed.barrier(group)  # rank 0 builds the cache entry; the others then read it
             train = distiller.with_teacher_logits(train, cache=cache, top_k=d.top_k)
-            if cache is not None and self.group.main:
-                distributed.barrier(self.group)
+            if cache is not None and group.main:
+                distributed.barrier(group)
             for teacher_name, event in distiller.cache_events.items():
                 self.log_event({"stage": name, "event": "teacher_cache", "teacher": teacher_name, **event,
                                 "folder": str(cache.folder)})
