@@ -93,7 +93,8 @@ def test_a_second_run_with_another_temperature_reuses_the_cache_and_says_so(tmp_
     events = [json.loads(line) for run in "ab" for line in (tmp_path / run / "log.jsonl").read_text().splitlines()
               if '"teacher_cache"' in line]
     assert [e["status"] for e in events] == ["built", "reused"] and events[0]["key"] == events[1]["key"]
-    assert "logits reused from the teacher cache" in (tmp_path / "b" / "report.md").read_text()
+    assert "logits read from the teacher cache" in (tmp_path / "b" / "report.md").read_text()
+    assert "logits built into the teacher cache" in (tmp_path / "a" / "report.md").read_text()
 
 
 def test_cache_info_and_clear_from_the_command(tmp_path):

@@ -278,8 +278,9 @@ def cache_notes(path: Path) -> list[str]:
         record = json.loads(line) if line.strip() else {}
         if record.get("event") == "teacher_cache":
             events[(record["stage"], record["teacher"])] = record
-    return [f"{stage}: teacher '{teacher}' logits {e['status']} from the teacher cache (entry {e['key']} in "
-            f"{e['folder']})" + (f"; only the top {e['top_k']} logits per sample kept, the other classes sharing "
+    verb = {"reused": "read from"}
+    return [f"{stage}: teacher '{teacher}' logits {verb.get(e['status'], e['status'] + ' into')} the teacher cache "
+            f"(entry {e['key']} in {e['folder']})" + (f"; only the top {e['top_k']} logits per sample kept, the other classes sharing "
                                   "the rest of the probability" if e.get("top_k") else "")
             for (stage, teacher), e in events.items()]
 
