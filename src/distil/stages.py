@@ -278,11 +278,14 @@ def cache_notes(path: Path) -> list[str]:
         record = json.loads(line) if line.strip() else {}
         if record.get("event") == "teacher_cache":
             events[(record["stage"], record["teacher"])] = record
-    verb = {"reused": "read from"}
-    return [f"{stage}: teacher '{teacher}' logits {verb.get(e['status'], e['status'] + ' into')} the teacher cache "
-            f"(entry {e['key']} in {e['folder']})" + (f"; only the top {e['top_k']} logits per sample kept, the other classes sharing "
-                                  "the rest of the probability" if e.get("top_k") else "")
-            for (stage, teacher), e in events.items()]
+    notes = []
+    for (stage, teacher), e in events.items():
+        verb = "read from" if e["status"] == "reused" else f"{e['status']} into"
+        note = f"{stage}: teacher '{teacher}' logits {verb} the teacher cache (entry {e['key']} in {e['folder']})"
+        if e.get("top_k"):
+            note += f"; only the top {e['top_k']} logits per sample kept, the other classes sharing the rest"
+        notes.append(note)
+    return notes
 
 
 def read_history(path: Path) -> list[dict]:
