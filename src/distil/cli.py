@@ -143,8 +143,10 @@ def _launch(nproc: int, recipe: Path | None, run_dir: Path | None, overrides: li
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     # the processes print progress and errors themselves; the launcher's own failure report only with --debug
     done = subprocess.run(command, env=env, stderr=None if _state["debug"] else subprocess.PIPE, text=True)
-    if done.returncode and done.stderr and "Traceback (most recent call last)" in done.stderr:
-        print(done.stderr[-6000:], file=sys.stderr)  # a crash in a process, not an input error: show it whole
+    # the launcher itself always ends a failure with a traceback; a second one is a crash in a process (not an
+    # input error, which the process has printed as one line): show it
+    if done.returncode and done.stderr and done.stderr.count("Traceback (most recent call last)") > 1:
+        print(done.stderr[-6000:], file=sys.stderr)
     if done.returncode:
         raise typer.Exit(2 if done.returncode != 130 else 130)
 
