@@ -197,3 +197,14 @@ def test_kd_with_teachers_by_name_logs_both_parts_through_fit():
     result = fit(Distiller(mlp(0), teachers, [KD(weight=0.5, teacher="big"), KD(weight=0.4, teacher="ta"),
                                               CE(weight=0.1)]), blob_split(), None, TrainConfig(epochs=1))
     assert set(result.history[0]["parts"]) == {"kd:big", "kd:ta", "ce"}
+
+
+def test_a_term_that_does_not_fit_an_assistant_link_fails_before_training(tmp_path, tiny_recipe):
+    from distil.errors import ShapeError
+
+    tiny_recipe["distill"]["terms"].append({"kind": "at", "student": "layer1", "teacher": "layer1"})
+    tiny_recipe["student"] = {"model": "cnn", "width": 4, "depth": 2, "train": tiny_recipe["student"]["train"]}
+    tiny_recipe["schemes"] = {"assistants": [{"model": "mlp", "width": 24}]}  # an MLP: no feature map for AT
+    with pytest.raises(ShapeError, match="the link teacher -> ta-1 of the schemes cannot use the recipe's terms"):
+        run_pipeline(load_recipe(tiny_recipe), tmp_path)
+    assert not (tmp_path / "teacher.safetensors").exists()  # nothing trained

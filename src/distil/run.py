@@ -19,7 +19,7 @@ from distil.cache import TeacherCache
 from distil.data import Data, Split, Splits, in_memory, take
 from distil.device import resolve_device
 from distil.distiller import Distiller, hinton_terms
-from distil.errors import ConfigError, ModelError, RecipeError
+from distil.errors import ConfigError, DistilError, ModelError, RecipeError
 from distil.losses import Reads
 from distil.modelfile import load_model_file, save_model_file
 from distil.models import build_model
@@ -102,7 +102,33 @@ class Run:
             raise
         except ConfigError as err:
             raise RecipeError(f"distill.terms: {err}") from err
-        distiller.prepare(Batch(sample, torch.zeros(2, dtype=torch.long), torch.arange(2)))  # layer names, shapes
+        batch = Batch(sample, torch.zeros(2, dtype=torch.long), torch.arange(2))
+        distiller.prepare(batch)  # layer names, shapes
+        self._check_links(models, batch)
+
+    def _check_links(self, models: dict[str, nn.Module], batch: Batch) -> None:
+        """Dry-run the terms on every one-teacher link of the schemes (assistant chain, born-again generations), so
+        a term that does not fit a link fails now, naming the link, not after hours of training."""
+        s, previous = self.recipe.schemes, ("teacher", models["teacher"])
+        links = [(f"assistant {i} (schemes.assistants)", f"ta-{i}") for i in range(1, len(s.assistants) + 1)]
+        pairs = []
+        for role, name in links:
+            pairs.append((f"{previous[0]} -> {name}", models[role], previous[1]))
+            previous = (name, models[role])
+        if s.assistants:
+            pairs.append((f"{previous[0]} -> student-takd", models["student"], previous[1]))
+        if s.born_again:
+            pairs.append(("teacher -> born-again-1", self.build(self.recipe.teacher).eval(), models["teacher"]))
+        for link, student, teacher in pairs:
+            try:
+                Distiller(student, teacher, self.one_teacher_terms()).prepare(batch)
+            except DistilError as err:
+                raise type(err)(f"the link {link} of the schemes cannot use the recipe's terms: {err}") from err
+
+    def one_teacher_terms(self) -> list[nn.Module]:
+        """The recipe's terms for a distillation with one teacher: those reading another teacher by name are left
+        out (Hinton's KD + CE if none is left)."""
+        return [t for t in self.terms() if _reads_only_the_teacher(t.reads())] or hinton_terms()
 
     def _checked(self, role: str, section: ModelSection, sample: torch.Tensor) -> nn.Module:
         """The model of `section`, after checking it gives (2, num_classes) logits for a batch of 2."""
@@ -143,9 +169,7 @@ class Run:
         With one teacher (an assistant chain's link, a born-again generation, a pruned model's fine-tune), the
         terms that read the recipe's other teachers by name are left out (Hinton's KD + CE if none is left).
         """
-        terms = self.terms()
-        if isinstance(teacher, nn.Module):
-            terms = [t for t in terms if _reads_only_the_teacher(t.reads())] or hinton_terms()
+        terms = self.one_teacher_terms() if isinstance(teacher, nn.Module) else self.terms()
         distiller = Distiller(student, teacher, terms).to(self.device)
         train = self.distill_train()
         if isinstance(train, Split) and not self.augment:
