@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from distil.binding import bind_kwargs, import_object
-from distil.data import SOURCES
 from distil.data import resolve_source as resolve_data_source
-from distil.errors import ConfigError, RecipeError, did_you_mean
+from distil.errors import ConfigError, DataError, RecipeError, did_you_mean
 from distil.losses import LOSSES
 from distil.models import MODELS, resolve_factory
 from distil.recipe import Recipe, parse_recipe
@@ -108,10 +107,10 @@ def resolve_term(kind: str, where: str) -> type:
 
 def resolve_source(source: str) -> Callable:
     """A data source function: a name of `SOURCES`, or the user's own as 'package.module:function'."""
-    if source not in SOURCES and ":" not in source:
-        raise RecipeError(f"data.source: unknown source '{source}'." + did_you_mean(source, SOURCES)
-                          + " Or give your own as 'package.module:function' returning distil.data.RawData.")
-    return resolve_data_source(source)
+    try:
+        return resolve_data_source(source)
+    except DataError as err:
+        raise RecipeError(f"data.source: {err}") from None
 
 
 def augment_and_normalize(specs: list[dict[str, Any]]):

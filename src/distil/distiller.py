@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import operator
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
 import torch
@@ -130,6 +131,7 @@ class Distiller(nn.Module):
         self.student = student
         self.terms = nn.ModuleList(terms)
         self._teachers = tuple(teachers.items())  # a tuple: not registered as submodules
+        self._teacher_map = MappingProxyType(dict(teachers))  # read at every step; not registered either
         for teacher in teachers.values():
             teacher.eval().requires_grad_(False)
         reads = [term.reads() for term in terms]
@@ -202,7 +204,7 @@ class Distiller(nn.Module):
     def _views(self, batch: Batch, progress: Progress | None = None) -> Views:
         with self.student_taps:
             outputs = {STUDENT: Outputs(self.student(batch.inputs), self.student_taps.outputs)}
-        teachers = self.teachers
+        teachers = self._teacher_map
         for name in self.needed:
             taps = self.teacher_taps[name]
             if name in batch.teacher_logits and not taps.modules:

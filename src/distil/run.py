@@ -217,6 +217,11 @@ class Run:
         return take(self.splits.train, idx)
 
     def distill_train(self) -> Data:
+        return self._distill_data
+
+    @cached_property
+    def _distill_data(self) -> Data:
+        """The training split plus the transfer set (a concatenation: built once per run)."""
         return self.splits.with_transfer() if self.recipe.distill.use_transfer else self.splits.train
 
 
