@@ -17,4 +17,4 @@ def test_benchmark_script_imports_and_has_a_main(path):
 
 
 def test_the_benchmarks_are_there():
-    assert {p.name for p in SCRIPTS} >= {"throughput.py", "seeds.py", "quantization.py"}
+    assert {p.name for p in SCRIPTS} >= {"throughput.py", "seeds.py", "quantization.py", "top_k.py"}

@@ -142,7 +142,8 @@ def test_top_k_with_k_equal_to_the_class_count_gives_exactly_the_full_logit_loss
 
 @pytest.mark.slow
 def test_top_5_of_100_classes_stays_close_to_full_logits():
-    """Measured: full logits 0.991, top-5 0.981 (1.0 point); the bound guards against regressions."""
+    """One seed of `benchmarks/top_k.py` (seed 0 measured 0.991 full, 0.981 top-5; 0.82 points apart over 3 seeds):
+    the bound guards against regressions."""
     from distil import ClassificationTask, TrainConfig, fit
     from distil.data import Split
     from distil.evaluate import accuracy

@@ -52,27 +52,31 @@ def stage_born_again(run: Run) -> None:
 
 
 def stage_mutual(run: Run) -> None:
-    """Deep mutual learning: a fresh student and the peers, from scratch, on the labelled training split."""
+    """Deep mutual learning: a fresh student and the peers, from scratch, on the training split plus the transfer
+    set when the recipe uses one (the peers' KL terms need no labels; CE reads the labelled samples only)."""
     s = run.recipe.schemes
     models = {"student": run.model("student")}
     models.update({f"peer-{i}": run.build(section, seed_offset=i) for i, section in enumerate(s.mutual, start=1)})
-    run.fit(MutualLearning(models, T=s.mutual_T), run.splits.train, run.recipe.student.train, "mutual")
+    run.fit(MutualLearning(models, T=s.mutual_T), run.distill_train(), run.recipe.student.train, "mutual")
     for i, section in enumerate(s.mutual, start=1):
         run.save(models[f"peer-{i}"], f"peer-{i}-dml", section)
     run.save(models["student"], "student-dml", "student")
 
 
 def stage_ema(run: Run) -> None:
-    """A fresh student taught online by an exponential moving average of its own weights."""
+    """A fresh student taught online by an exponential moving average of its own weights (the mean teacher), on
+    the same data as the distilled student: the soft term needs no labels."""
     student = run.model("student")
     task = EMASelfDistiller(student, decay=run.recipe.schemes.ema_decay)
-    run.fit(task, run.splits.train, run.recipe.student.train, "ema")
+    run.fit(task, run.distill_train(), run.recipe.student.train, "ema")
     run.save(student, "student-ema", "student")
 
 
 def scheme_notes(r: Recipe) -> list[str]:
     """One line per scheme of the run, for the report."""
     s, notes = r.schemes, []
+    data = "the labelled split plus the transfer set (KL on every sample, CE on the labelled ones)" \
+        if r.distill.use_transfer else "the labelled split"
     for name, section in s.teachers.items():
         notes.append(f"teacher-{name}: a second teacher ({section.model} {section.knobs()}), read by name by the terms")
     if s.assistants:
@@ -83,10 +87,10 @@ def scheme_notes(r: Recipe) -> list[str]:
         notes.append(f"born-again-1..{s.born_again}: the teacher's architecture, each generation taught by the last")
     if s.mutual:
         notes.append(f"student-dml: a fresh student trained from scratch with {len(s.mutual)} peer(s) teaching each "
-                     f"other (deep mutual learning, T={s.mutual_T}), on the labelled split")
+                     f"other (deep mutual learning, T={s.mutual_T}), on {data}")
     if s.ema:
-        notes.append(f"student-ema: a fresh student taught by an EMA of its own weights (decay {s.ema_decay}), on the "
-                     "labelled split")
+        notes.append(f"student-ema: a fresh student taught by an EMA of its own weights (decay {s.ema_decay}), on "
+                     f"{data}")
     return notes
 
 

@@ -121,7 +121,9 @@ def run_setting(setting: Setting, seed: int, quick: bool, log: Callable[[str], N
 def run_schemes(setting: Setting, splits: Splits, train, teacher: nn.Module, baseline_cfg: TrainConfig, seed: int,
                 log: Callable[[str], None]) -> dict[str, tuple[float, float]]:
     """Several teachers, an assistant chain, born-again, mutual learning and EMA self-distillation. Mutual learning
-    and EMA use the labelled split alone, with the baseline's settings, so they compare with it directly."""
+    and EMA train on the same data and steps as the distilled students (labels plus the unlabeled transfer set,
+    where their KL terms need no labels); each DML peer compares with the same network trained alone on labels
+    (the baseline row for the first, `peer alone` for the second, same initialisation)."""
     rows = {}
     cfg = setting.student_cfg
     second = build({**setting.teacher, "width": 50}, splits, seed + 1)  # another teacher, of half the width
@@ -138,13 +140,16 @@ def run_schemes(setting: Setting, splits: Splits, train, teacher: nn.Module, bas
     link = Distiller(student, assistant, build_terms(KD))
     seconds += timed_fit(link, link.with_teacher_logits(train), splits, cfg, seed)
     rows["takd"] = (accuracy(student, splits.test), seconds)
+    alone = build(setting.student, splits, seed + 3)
+    seconds = timed_fit(ClassificationTask(alone), splits.train, splits, baseline_cfg, seed)
+    rows["peer alone"] = (accuracy(alone, splits.test), seconds)
     peers = {"student": build(setting.student, splits, seed), "peer": build(setting.student, splits, seed + 3)}
-    seconds = timed_fit(MutualLearning(peers), splits.train, splits, baseline_cfg, seed)
+    seconds = timed_fit(MutualLearning(peers), train, splits, cfg, seed)
     rows["dml (student)"] = (accuracy(peers["student"], splits.test), seconds)
     rows["dml (peer)"] = (accuracy(peers["peer"], splits.test), seconds)
     student = build(setting.student, splits, seed)
     ema = EMASelfDistiller(student, decay=0.99, warmup=2)
-    rows["ema"] = (0.0, timed_fit(ema, splits.train, splits, baseline_cfg, seed))
+    rows["ema"] = (0.0, timed_fit(ema, train, splits, cfg, seed))
     rows["ema"] = (accuracy(student, splits.test), rows["ema"][1])
     born = build(setting.teacher, splits, seed + 4)
     again = Distiller(born, copy.deepcopy(teacher), build_terms(KD))
@@ -166,9 +171,11 @@ NOTES = {
     "crd": "CRD, 128-d embeddings, memory bank of the training set, 1,024 negatives, weight 0.8, + CE",
     "multi-teacher": "multi_kd over the teacher and a half-width teacher, confidence-weighted, + CE",
     "takd": "teacher -> assistant (cnn1d width 20, depth 2) -> student, KD + CE at each link",
-    "dml (student)": "two students from scratch teaching each other (labels only, baseline's steps)",
-    "dml (peer)": "the other student of that pair",
-    "ema": "the student taught by an EMA of itself (decay 0.99; labels only, baseline's steps)",
+    "peer alone": "the second DML peer's network and initialisation, trained alone on labels (as the baseline)",
+    "dml (student)": "two students from scratch teaching each other, T=1: CE on labels, KL on every sample of the "
+                     "transfer set too; compare with the baseline",
+    "dml (peer)": "the other student of that pair; compare with `peer alone`",
+    "ema": "the student taught by an EMA of itself (decay 0.99), on labels plus the transfer set",
     "born-again (teacher's architecture)": "a second teacher-sized network distilled from the teacher (compare "
                                            "with the teacher row)",
     "fitnet": "FitNet layer2 -> layer2, learned 1x1 connector, + CE",
