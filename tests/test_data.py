@@ -99,7 +99,7 @@ def test_imagefolder_reads_class_folders(tmp_path):
 
 
 def test_every_source_is_listed():
-    assert set(SOURCES) == {"mnist1d", "digits", "npz", "imagefolder", "csv", "cifar"}
+    assert set(SOURCES) == {"mnist1d", "digits", "npz", "imagefolder", "csv", "cifar", "pycorpus", "textfolder"}
 
 
 def test_labels_of_any_values_become_classes_and_never_collide_with_unlabeled(tmp_path):

@@ -27,11 +27,11 @@ def spec(name: str) -> tuple[tuple[int, ...], dict]:
 
 def test_the_zoo_has_the_documented_entries():
     expected = {"mlp", "cnn", "cnn1d", "resnet", "mobilenetv2", "resnet8x4", "resnet14x4", "resnet20x4",
-                "resnet32x4", "resnet8", "resnet14", "resnet20", "resnet32", "resnet56", "resnet110"}
+                "resnet32x4", "resnet8", "resnet14", "resnet20", "resnet32", "resnet56", "resnet110", "gpt"}
     assert set(MODELS) == expected
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"gpt"}))  # gpt (token logits): tests/test_lm.py
 def test_every_zoo_model_builds_and_gives_batch_by_class_logits(name):
     torch.manual_seed(0)
     shape, knobs = spec(name)

@@ -88,7 +88,7 @@ def _pipeline(recipe: Path | None, run_dir: Path | None, overrides: list[str], f
             console.print("every stage's output exists already; nothing to do (use --force to start over)")
         if (target / "metrics.json").exists():
             metrics = load_metrics(target)
-            _print_table(metrics["models"])
+            _print_table(metrics["models"], metrics.get("task", "classify"))
             for warning in metrics.get("warnings", []):
                 console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
             console.print(f"report: {target / 'report.md'} (and report.html)")
@@ -188,9 +188,18 @@ def bench(file: Path = typer.Argument(..., help="A distil .safetensors model fil
     console.print(table)
 
 
-def _print_table(models: dict[str, dict]) -> None:
+def _print_table(models: dict[str, dict], task: str = "classify") -> None:
     from distil.report import COLUMNS, table_rows
 
+    if task == "lm":
+        from distil.lm import COLUMNS as LM_COLUMNS
+        from distil.lm import lm_table
+
+        table = Table(*LM_COLUMNS)
+        for row in lm_table(models):
+            table.add_row(*row)
+        console.print(table)
+        return
     shown = [0, 1, 2, 5, 6, 7, 9, 10, 11, 12, 13]  # the console gets the key columns; report.md has all
     table = Table(*[COLUMNS[i] for i in shown])
     for row in table_rows(models):

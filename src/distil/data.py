@@ -3,8 +3,9 @@
 Sources (`SOURCES`): `mnist1d` (generated offline, with a generated transfer set), `digits`
 (scikit-learn, small, for tests), `npz`, `csv`, `cifar` (the official binary files) give arrays
 held in memory (`Split`); `imagefolder` gives files read lazily, in DataLoader workers
-(`ImageFiles`, a map-style Dataset). Normalisation statistics come from the training split only,
-unless the recipe sets them. Transfer-set samples carry the label -1 (`UNLABELED`).
+(`ImageFiles`, a map-style Dataset); `pycorpus` (the Python standard library's source) and `textfolder`
+give byte-level language-model blocks (`distil.text`). Normalisation statistics come from the training
+split only, unless the recipe sets them. Transfer-set samples carry the label -1 (`UNLABELED`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from distil.binding import bind_kwargs, import_object
 from distil.errors import DataError, did_you_mean
 from distil.images import FileData, ImageFiles, imagefolder
 from distil.losses import UNLABELED
+from distil.text import VOCAB, TextData, blocks, pycorpus, split_files, textfolder
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class Split:
     """In-memory samples: the fast path of the training loop (a batch is one indexing operation)."""
 
     x: torch.Tensor  # (N, *input_shape) float32
-    y: torch.Tensor  # (N,) int64; -1 = unlabeled
+    y: torch.Tensor  # (N,) int64; -1 = unlabeled. Language models: x and y (N, T) tokens, y the next ones
     teacher_logits: dict[str, torch.Tensor] | None = None  # teacher name -> (N, K), see `Distiller.with_teacher_logits`
 
     def __post_init__(self) -> None:
@@ -62,9 +64,10 @@ class Splits:
     val: Data
     test: Data
     transfer: torch.Tensor | Dataset | None  # (M, *input_shape), unlabeled (a Dataset yields label -1)
-    num_classes: int
+    num_classes: int  # classes; for a language model, the vocabulary
     input_shape: tuple[int, ...]
     class_names: list[str]
+    task: str = "classify"  # or "lm": inputs and targets are (N, T) tokens, the model gives (B, T, V) logits
 
     def with_transfer(self) -> Data:
         """The labelled training split followed by the transfer set, labelled -1."""
@@ -255,7 +258,8 @@ def _is_number(value: str) -> bool:
         return False
 
 
-SOURCES = {"mnist1d": mnist1d, "digits": digits, "npz": npz, "imagefolder": imagefolder, "csv": csv, "cifar": cifar}
+SOURCES = {"mnist1d": mnist1d, "digits": digits, "npz": npz, "imagefolder": imagefolder, "csv": csv, "cifar": cifar,
+           "pycorpus": pycorpus, "textfolder": textfolder}
 
 
 # --- splitting --------------------------------------------------------------------------------
@@ -277,9 +281,12 @@ def load_splits(source: str, args: dict, seed: int = 0, val_fraction: float = 0.
     (mean, std) when given, else with statistics of the training split."""
     fn = resolve_source(source)
     raw = fn(**bind_kwargs(fn, args, f"data.args (source '{source}')"))
-    if not isinstance(raw, (RawData, FileData)):
+    if not isinstance(raw, (RawData, FileData, TextData)):
         raise DataError(f"data source '{source}' returned a {type(raw).__name__}; a source returns "
-                        "distil.data.RawData(x, y, ...) (arrays) or distil.images.FileData (files).")
+                        "distil.data.RawData(x, y, ...) (arrays), distil.images.FileData (image files) or "
+                        "distil.text.TextData (text files).")
+    if isinstance(raw, TextData):
+        return text_splits(raw, seed, val_fraction, test_fraction)
     if isinstance(raw, FileData):
         return file_splits(raw, seed, val_fraction, test_fraction, normalize)
     return make_splits(raw, seed, val_fraction, test_fraction, normalize)
@@ -321,6 +328,13 @@ def make_splits(raw: RawData, seed: int, val_fraction: float, test_fraction: flo
     return Splits(Split(norm(x), torch.from_numpy(y)), Split(norm(x_val), torch.from_numpy(y_val)),
                   Split(norm(x_test), torch.from_numpy(y_test)), transfer, len(values), tuple(x.shape[1:]),
                   class_names)
+
+
+def text_splits(raw: TextData, seed: int, val_fraction: float, test_fraction: float) -> Splits:
+    """Language-model splits: files shuffled into train/val/test, each cut into (N, block) byte blocks."""
+    corpus = split_files(raw, seed, val_fraction, test_fraction)
+    train, val, test = (Split(*blocks(data, raw.block)) for data in (corpus.train, corpus.val, corpus.test))
+    return Splits(train, val, test, None, VOCAB, (raw.block,), [], task="lm")
 
 
 def file_splits(raw: FileData, seed: int, val_fraction: float, test_fraction: float,

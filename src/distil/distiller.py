@@ -9,13 +9,16 @@ its unique name and `loss == sum(parts.values())`. The task owns its validation 
 from __future__ import annotations
 
 import functools
+import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from distil.batches import Batch, Progress
 from distil.cache import TeacherCache, cache_key, top_k_pack, top_k_unpack
@@ -54,6 +57,33 @@ def top1_score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
     return ((logits.argmax(-1) == targets) & labelled).sum(), labelled.sum()
 
 
+def bits_score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bits, tokens) of a batch of next-token logits (B, T, V) and targets (B, T) (-1 = no loss): the summed
+    cross-entropy in bits over the real tokens, and their count. With byte-level tokens, bits per byte."""
+    real = targets != UNLABELED
+    nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=UNLABELED, reduction="sum")
+    return nats / math.log(2), real.sum()
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """A validation metric: its name, its direction and `fn(logits, targets) -> (sum, count)` per batch
+    (the metric is sum / count over the split)."""
+
+    metric: str
+    higher_is_better: bool
+    fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+TOP1 = Scoring("acc", True, top1_score)
+BITS_PER_BYTE = Scoring("bpb", False, bits_score)  # byte-level language models: lower is better
+
+
+def scoring_for(task: str) -> Scoring:
+    """The metric of a data set's task: top-1 for "classify", bits per byte for "lm"."""
+    return BITS_PER_BYTE if task == "lm" else TOP1
+
+
 def check_class_targets(targets: torch.Tensor, num_classes: int, allow_unlabeled: bool) -> None:
     """Targets must lie in [0, K) (or be -1 where unlabeled samples are allowed): a clear error instead of
     torch's IndexError (or a device-side assert on a GPU)."""
@@ -68,12 +98,12 @@ def check_class_targets(targets: torch.Tensor, num_classes: int, allow_unlabeled
 
 
 class ClassificationTask:
-    """Plain supervised training: `loss = CE(model(x), y)` with optional label smoothing; scored by top-1."""
+    """Plain supervised training: `loss = CE(model(x), y)` with optional label smoothing; scored by top-1
+    (or by `scoring`: bits per byte for a language model, whose CE is per token)."""
 
-    metric, higher_is_better = "acc", True
-
-    def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
-        self.model, self.label_smoothing = model, label_smoothing
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0, scoring: Scoring = TOP1) -> None:
+        self.model, self.label_smoothing, self.scoring = model, label_smoothing, scoring
+        self.metric, self.higher_is_better = scoring.metric, scoring.higher_is_better
         self.num_classes: int | None = None
 
     def prepare(self, batch: Batch) -> None:
@@ -95,7 +125,7 @@ class ClassificationTask:
     __call__ = forward
 
     def score(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return top1_score(self.model(batch.inputs), batch.targets)
+        return self.scoring.fn(self.model(batch.inputs), batch.targets)
 
     def trainable_module(self) -> nn.Module:
         return self.model
@@ -122,10 +152,11 @@ class Distiller(nn.Module):
     whatever `train()` is called with. `to(device)` moves them too.
     """
 
-    metric, higher_is_better = "acc", True
-
-    def __init__(self, student: nn.Module, teachers: nn.Module | dict[str, nn.Module], terms: list[Term]) -> None:
+    def __init__(self, student: nn.Module, teachers: nn.Module | dict[str, nn.Module], terms: list[Term],
+                 scoring: Scoring = TOP1) -> None:
         super().__init__()
+        self.scoring = scoring
+        self.metric, self.higher_is_better = scoring.metric, scoring.higher_is_better
         teachers = {"teacher": teachers} if isinstance(teachers, nn.Module) else dict(teachers)
         _check_participants(student, teachers, terms)
         self.student = student
@@ -258,7 +289,7 @@ class Distiller(nn.Module):
         return StepOutput(loss, parts, views.student.logits)
 
     def score(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return top1_score(self.student(batch.inputs), batch.targets)
+        return self.scoring.fn(self.student(batch.inputs), batch.targets)
 
     def trainable_module(self) -> nn.Module:
         return self

@@ -22,16 +22,18 @@ from distil.errors import DistilError
 
 def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, atol: float = 1e-4) -> float:
     """Export `model` (input (B, ...) with a dynamic batch axis) to `path`; return the max |logit
-    difference| between onnxruntime and PyTorch on `sample`, which must be at most `atol`."""
+    difference| between onnxruntime and PyTorch on `sample`, which must be at most `atol`. Token ids
+    (an integer `sample` (B, T)) get a dynamic sequence axis too."""
     model.eval()
     path = Path(path)
+    axes = {0: "batch", 1: "tokens"} if not sample.is_floating_point() else {0: "batch"}
 
     def write(tmp: Path) -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(model, (sample[:2],), str(tmp), input_names=["input"], output_names=["logits"],
-                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                                  dynamic_axes={"input": axes, "logits": axes}, opset_version=17,
                                   dynamo=False)
         except Exception as err:  # the exporter raises several types; all mean "cannot export"
             raise DistilError(f"cannot export {type(model).__name__} to ONNX: {_operator(err)}") from err
@@ -67,8 +69,9 @@ def session(path: Path, threads: int | None = None):
 
 
 def run_onnx(sess, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Logits (N, K) from an onnxruntime session, in batches."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    """Logits (N, K) (or (N, T, V) for token ids, which keep their integer type) from an onnxruntime session,
+    in batches."""
+    x = np.ascontiguousarray(x, dtype=x.dtype if np.issubdtype(x.dtype, np.integer) else np.float32)
     return np.concatenate([sess.run(None, {"input": x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
 
 

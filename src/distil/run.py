@@ -18,7 +18,7 @@ from distil.build import build_terms
 from distil.cache import TeacherCache
 from distil.data import Data, Split, Splits, in_memory, take
 from distil.device import resolve_device
-from distil.distiller import Distiller, hinton_terms
+from distil.distiller import ClassificationTask, Distiller, Scoring, hinton_terms, scoring_for
 from distil.errors import ConfigError, DistilError, ModelError, RecipeError
 from distil.losses import Reads
 from distil.modelfile import load_model_file, save_model_file
@@ -54,6 +54,16 @@ class Run:
     @cached_property
     def test(self) -> Split:
         return in_memory(self.splits.test)
+
+    @property
+    def scoring(self) -> Scoring:
+        """The validation metric of the data's task: top-1 accuracy, or bits per byte for a language model."""
+        return scoring_for(self.splits.task)
+
+    def task(self, model: nn.Module) -> ClassificationTask:
+        """Supervised training of `model` on the labels (next tokens for a language model), scored by the run's
+        metric."""
+        return ClassificationTask(model, scoring=self.scoring)
 
     def model(self, role: str) -> nn.Module:
         """A freshly initialised teacher or student (seeded, so every build is the same)."""
@@ -97,12 +107,12 @@ class Run:
         extra = {n: models[f"teacher '{n}' (schemes.teachers)"] for n in s.teachers}
         teachers = {"teacher": models["teacher"], **extra} if extra else models["teacher"]
         try:
-            distiller = Distiller(models["student"], teachers, self.terms())
+            distiller = Distiller(models["student"], teachers, self.terms(), scoring=self.scoring)
         except RecipeError:
             raise
         except ConfigError as err:
             raise RecipeError(f"distill.terms: {err}") from err
-        batch = Batch(sample, torch.zeros(2, dtype=torch.long), torch.arange(2))
+        batch = Batch(sample, torch.zeros(self._output_shape()[:-1], dtype=torch.long), torch.arange(2))
         distiller.prepare(batch)  # layer names, shapes
         self._check_links(models, batch)
 
@@ -137,15 +147,30 @@ class Run:
             try:
                 logits = model(sample)
             except Exception as err:  # a user's model may raise anything
+                hint = (" The data are token ids (int64) from a text source: use a language model that takes "
+                        "them, such as gpt.") if self.splits.task == "lm" else ""
                 raise ModelError(f"the {role} ({section.model}) fails on inputs of shape {list(sample.shape)}: "
-                                 f"{type(err).__name__}: {err}") from err
-        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, self.splits.num_classes):
+                                 f"{type(err).__name__}: {err}.{hint}") from err
+        expected = self._output_shape()
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
             shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            if self.splits.task == "lm":
+                raise ModelError(
+                    f"the {role} ({section.model}) gives outputs of shape {shape} for 2 sequences of "
+                    f"{expected[1]} tokens; a language model must give (batch, tokens, vocabulary) = "
+                    f"{list(expected)} next-token logits. Teacher and student must share the data's vocabulary of "
+                    f"{expected[2]} (cross-tokenizer distillation is not supported).")
             raise ModelError(
                 f"the {role} ({section.model}) gives outputs of shape {shape} for a batch of 2, but the data has "
                 f"{self.splits.num_classes} classes: every model of the run must give (batch, "
                 f"{self.splits.num_classes}) logits as one tensor. Build it with num_classes.")
         return model
+
+    def _output_shape(self) -> tuple[int, ...]:
+        """The logits a model of this run gives for a dry-run batch of 2: (2, K), or (2, T, V) for tokens."""
+        if self.splits.task == "lm":
+            return (2, self.splits.input_shape[0], self.splits.num_classes)
+        return (2, self.splits.num_classes)
 
     def fit(self, task, train: Data, section: TrainConfig, name: str, epochs: int | None = None,
             record: bool = True):
@@ -170,7 +195,7 @@ class Run:
         terms that read the recipe's other teachers by name are left out (Hinton's KD + CE if none is left).
         """
         terms = self.one_teacher_terms() if isinstance(teacher, nn.Module) else self.terms()
-        distiller = Distiller(student, teacher, terms).to(self.device)
+        distiller = Distiller(student, teacher, terms, scoring=self.scoring).to(self.device)
         train = self.distill_train()
         if isinstance(train, Split) and not self.augment:
             d = self.recipe.distill

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from distil.checkpoint import load_weights
-from distil.distiller import ClassificationTask
 from distil.recipe import Recipe
 from distil.run import Run
 from distil.schemes import EMASelfDistiller, MutualLearning
@@ -24,7 +23,7 @@ def stage_teachers(run: Run) -> None:
         if section.checkpoint:
             load_weights(teacher, Path(section.checkpoint))
         else:
-            run.fit(ClassificationTask(teacher), run.splits.train, section.train, f"teacher-{name}")
+            run.fit(run.task(teacher), run.splits.train, section.train, f"teacher-{name}")
         run.save(teacher, f"teacher-{name}", section)
 
 

@@ -26,7 +26,6 @@ from torch.nn import functional as F
 
 from distil.checkpoint import atomic_write, load_weights
 from distil.compress.prune import channel_prune, magnitude_prune, make_permanent, sparsity_of
-from distil.distiller import ClassificationTask
 from distil.evaluate import evaluate_model, evaluate_onnx, predict_logits
 from distil.export import export_onnx, has_convolutions, quantize_onnx, run_onnx, session
 from distil.modelfile import load_model_file
@@ -55,7 +54,7 @@ def stage_teacher(run: Run) -> None:
     if section.checkpoint:
         load_weights(teacher, Path(section.checkpoint))
     else:
-        run.fit(ClassificationTask(teacher), run.splits.train, section.train, "teacher")
+        run.fit(run.task(teacher), run.splits.train, section.train, "teacher")
     run.save(teacher, "teacher", "teacher")
 
 
@@ -66,7 +65,7 @@ def stage_baseline(run: Run) -> None:
     steps = section.epochs * max(1, len(run.distill_train()) // section.batch_size)
     epochs = math.ceil(steps / max(1, len(run.splits.train) // section.batch_size))
     student = run.model("student")
-    run.fit(ClassificationTask(student), run.splits.train, section, "baseline", epochs=epochs)
+    run.fit(run.task(student), run.splits.train, section, "baseline", epochs=epochs)
     run.save(student, "baseline", "student")
 
 
@@ -93,7 +92,7 @@ def stage_compress(run: Run) -> None:
     run.save(make_permanent(pruned), name, source_name, pruned=c.method == "channels", pruning=info,
              finetune="distillation from the unpruned source")
     if labels_only is not None:
-        run.fit(ClassificationTask(labels_only), run.splits.train, c.finetune, f"{name}-labels")
+        run.fit(run.task(labels_only), run.splits.train, c.finetune, f"{name}-labels")
         run.save(make_permanent(labels_only), f"{name}-labels", source_name, pruned=c.method == "channels",
                  pruning=info, finetune="labels only")
 
@@ -121,6 +120,11 @@ def stage_export(run: Run) -> None:
 
     Every file is written atomically; export.json, which marks the stage done, comes last.
     """
+    if run.splits.task == "lm":
+        from distil.lm import export_lm
+
+        export_lm(run, model_names(run))
+        return
     e = run.recipe.export
     sample, test_x = run.test.x[:256], run.test.x.numpy()
     calibration = run.sample(e.calibration_samples).x.numpy()
@@ -197,6 +201,11 @@ def stage_report(run: Run) -> None:
 
 
 def _report(run: Run) -> None:
+    if run.splits.task == "lm":
+        from distil.lm import report_lm
+
+        report_lm(run, model_names(run))
+        return
     r = run.recipe.report
     test = run.test
     teacher_pred = predict_logits(run.load("teacher"), test.x).argmax(1)

@@ -110,6 +110,8 @@ def ce_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float 
     Shapes: (B, K), (B,) -> scalar. Written as sum / count so that an all-unlabelled batch gives
     0 instead of NaN, without a host sync.
     """
+    if logits.ndim == 3:  # tokens: (B, T, V), (B, T) -> (B*T, V), (B*T,)
+        logits, targets = logits.flatten(0, 1), targets.flatten()
     total = F.cross_entropy(logits, targets, ignore_index=UNLABELED, reduction="sum",
                             label_smoothing=label_smoothing)
     return total / (targets != UNLABELED).sum().clamp(min=1)

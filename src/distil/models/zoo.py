@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from distil.errors import ModelError
+from distil.models.gpt import gpt
 
 
 def _need_rank(name: str, input_shape: tuple[int, ...], ranks: tuple[int, ...], hint: str) -> None:
@@ -164,6 +165,7 @@ def _resnet(depth: int, width: int):
 
 MODELS = {
     "mlp": mlp,
+    "gpt": gpt,
     "cnn": cnn,
     "cnn1d": cnn1d,
     "resnet": cifar_resnet,

@@ -1,0 +1,186 @@
+"""Language models: the byte-level corpus, the GPT zoo model, bits per byte, generation and the pipeline."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from distil.checkpoint import load_weights, save_model
+from distil.data import load_splits
+from distil.distiller import BITS_PER_BYTE, ClassificationTask, bits_score
+from distil.errors import DataError, ModelError
+from distil.models import build_model
+from distil.models.gpt import generate
+from distil.text import blocks, decode, encode, pycorpus, split_files, textfolder
+
+
+def write_corpus(folder, files: int = 6, size: int = 3000):
+    """Small text files of distinct, learnable content (each repeats its own phrase)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        phrase = f"def function_{i}(x):\n    return x * {i} + {i}\n"
+        (folder / f"file{i}.txt").write_text(phrase * (size // len(phrase)))
+    return folder
+
+
+def test_blocks_are_inputs_and_the_next_bytes():
+    data = torch.arange(10, dtype=torch.uint8).numpy()
+    x, y = blocks(data, block=4)
+    assert x.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]  # windows of 5 bytes, 4 apart: 0..4, 4..8
+    assert y.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert x.dtype == y.dtype == torch.long
+    with pytest.raises(DataError, match="fewer than one block of 16"):
+        blocks(data, block=16)
+
+
+def test_files_go_to_one_split_each_and_budgets_hold(tmp_path):
+    text = textfolder(str(write_corpus(tmp_path / "texts", files=10)), block=32, train_bytes=5000, eval_bytes=2000)
+    corpus = split_files(text, seed=0, val_fraction=0.2, test_fraction=0.2)
+    train, val, test = (set(corpus.files[s]) for s in ("train", "val", "test"))
+    assert train and val and test and not (train & val or train & test or val & test)
+    assert len(corpus.train) <= 5000 and len(corpus.val) <= 2000 and len(corpus.test) <= 2000
+    again = split_files(text, seed=0, val_fraction=0.2, test_fraction=0.2)
+    assert again.files == corpus.files  # deterministic from the seed
+
+
+def test_text_source_errors_name_the_field(tmp_path):
+    with pytest.raises(DataError, match="data.args.path: '.*nowhere' is not a folder"):
+        textfolder(str(tmp_path / "nowhere"))
+    write_corpus(tmp_path / "two", files=2)
+    with pytest.raises(DataError, match="found 2 non-empty file"):
+        textfolder(str(tmp_path / "two"))
+    with pytest.raises(DataError, match="data.args.block must be at least 2"):
+        textfolder(str(write_corpus(tmp_path / "t")), block=1)
+
+
+def test_pycorpus_reads_the_standard_library_without_its_tests():
+    text = pycorpus()
+    parts = {p for f in text.files for p in f.relative_to(text.root).parts[:-1]}
+    assert len(text.files) > 100 and "test" not in parts and "site-packages" not in parts
+    assert any(f.name == "functools.py" for f in text.files)
+
+
+def test_load_splits_gives_language_model_blocks(tmp_path):
+    splits = load_splits("textfolder", {"path": str(write_corpus(tmp_path / "t")), "block": 16})
+    assert splits.task == "lm" and splits.num_classes == 256 and splits.input_shape == (16,)
+    assert splits.train.x.shape[1:] == splits.train.y.shape[1:] == (16,)
+    assert torch.equal(splits.train.x[:, 1:], splits.train.y[:, :-1])
+    assert decode(encode("héllo")) == "héllo"
+
+
+def test_gpt_is_causal_and_ties_its_output_to_the_embedding():
+    torch.manual_seed(0)
+    model = build_model("gpt", (12,), 256, width=32, depth=2, heads=4).eval()
+    assert model.head.weight is model.embed.weight
+    tokens = torch.randint(0, 256, (2, 12))
+    changed = tokens.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 256  # change the future only
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert a.shape == (2, 12, 256)
+    assert torch.allclose(a[:, :8], b[:, :8], atol=1e-6)  # positions before 8 cannot see tokens 8..
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+    with pytest.raises(ModelError, match="longer than the model's context"):
+        model(torch.zeros(1, 13, dtype=torch.long))
+    with pytest.raises(ModelError, match="gpt takes token sequences"):
+        build_model("gpt", (3, 8, 8), 10)
+
+
+def test_gpt_round_trips_through_safetensors(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("gpt", (8,), 256, width=16, depth=1, heads=2)
+    save_model(model, tmp_path / "m.safetensors")
+    torch.manual_seed(1)
+    other = load_weights(build_model("gpt", (8,), 256, width=16, depth=1, heads=2), tmp_path / "m.safetensors")
+    tokens = torch.randint(0, 256, (1, 8))
+    assert torch.equal(model(tokens), other(tokens)) and other.head.weight is other.embed.weight
+
+
+def test_bits_score_against_hand_computation():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0]]])  # (1, 2, 2): p(1) = 3/4, then uniform
+    targets = torch.tensor([[1, -1]])  # the second position is padding
+    bits, count = bits_score(logits, targets)
+    assert count == 1 and math.isclose(float(bits), -math.log2(0.75), rel_tol=1e-6)
+    targets = torch.tensor([[0, 1]])
+    bits, count = bits_score(logits, targets)
+    assert count == 2 and math.isclose(float(bits), -math.log2(0.25) + 1.0, rel_tol=1e-6)
+
+
+def test_generate_extends_the_prompt_and_greedy_is_deterministic():
+    torch.manual_seed(0)
+    model = build_model("gpt", (6,), 256, width=16, depth=1, heads=2)
+    prompt = encode("ab")[None]
+    out = generate(model, prompt, 10, temperature=0)
+    assert out.shape == (1, 12) and torch.equal(out[:, :2], prompt)  # context cropped to 6 as it grows
+    assert torch.equal(out, generate(model, prompt, 10, temperature=0))
+    assert model.training  # the mode is given back
+
+
+def test_a_language_model_learns_its_corpus_in_bits_per_byte(tmp_path):
+    """Fit on a repetitive corpus: validation bits per byte falls, far below the 8 of a uniform guess."""
+    from distil import TrainConfig, fit
+
+    splits = load_splits("textfolder", {"path": str(write_corpus(tmp_path / "t")), "block": 32})
+    torch.manual_seed(0)
+    model = build_model("gpt", (32,), 256, width=32, depth=1, heads=2)
+    task = ClassificationTask(model, scoring=BITS_PER_BYTE)
+    result = fit(task, splits.train, splits.val, TrainConfig(epochs=4, batch_size=16, lr=3e-3), device="cpu")
+    assert task.metric == "bpb" and not task.higher_is_better
+    curve = [record["val_bpb"] for record in result.history]
+    assert curve[-1] < curve[0] and curve[-1] < 5.0, curve
+    with torch.no_grad():
+        expected = F.cross_entropy(model(splits.val.x[:4]).flatten(0, 1), splits.val.y[:4].flatten()) / math.log(2)
+        bits, count = task.score(type("B", (), {"inputs": splits.val.x[:4], "targets": splits.val.y[:4]})())
+    assert math.isclose(float(bits / count), float(expected), rel_tol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_a_language_model_recipe(tmp_path):
+    """teacher, baseline and student on a tiny text folder; the report has bits per byte and text samples."""
+    from distil.build import load_recipe
+    from distil.pipeline import run_pipeline
+
+    corpus = write_corpus(tmp_path / "t", files=6, size=4000)
+    small = {"train": {"epochs": 1, "batch_size": 16, "lr": 0.003}}
+    recipe = load_recipe({
+        "name": "tinylm", "data": {"source": "textfolder", "args": {"path": str(corpus), "block": 32},
+                                   "val_fraction": 0.2, "test_fraction": 0.2},
+        "teacher": {"model": "gpt", "width": 32, "depth": 2, "heads": 2, **small},
+        "student": {"model": "gpt", "width": 16, "depth": 1, "heads": 2, **small},
+        "distill": {"terms": [{"kind": "ce", "weight": 1.0}]}, "export": {"enabled": True}})
+    run_pipeline(recipe, tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    models = metrics["models"]
+    assert metrics["task"] == "lm"
+    assert set(models) == {"teacher", "baseline", "student", "student (onnx)", "student-int8"}
+    assert all(0 < m["bpb"] < 8.5 and m["gen_tokens_per_s_b1"] > 0 for m in models.values())
+    assert abs(models["student (onnx)"]["bpb"] - models["student"]["bpb"]) < 1e-3  # the same model, exported
+    assert models["student-int8"]["bytes"] < models["student (onnx)"]["bytes"]
+    assert models["student-int8"]["runtime"] == "onnxruntime"
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "test bits/byte" in report and "## Samples" in report and report.count("```python") == 3
+    assert "dynamic int8" in report
+
+
+def test_a_model_that_is_not_a_language_model_is_refused_for_text(tmp_path, monkeypatch):
+    from distil.build import load_recipe
+    from distil.pipeline import run_pipeline
+
+    recipe = load_recipe({
+        "name": "wrong", "data": {"source": "textfolder", "args": {"path": str(write_corpus(tmp_path / "t")),
+                                                                    "block": 16}},
+        "teacher": {"model": "mlp"}, "student": {"model": "gpt", "width": 16, "depth": 1, "heads": 2}})
+    with pytest.raises(ModelError, match=r"the teacher \(mlp\) fails on inputs of shape \[2, 16\].*use a language "):
+        run_pipeline(recipe, tmp_path / "run")
+    (tmp_path / "bagofbytes.py").write_text(
+        "from torch import nn\n"
+        "def bag(input_shape, num_classes):  # one prediction per sequence, not one per token\n"
+        "    return nn.Sequential(nn.Embedding(num_classes, 4), nn.Flatten(), nn.Linear(4 * input_shape[0], "
+        "num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    teacher = {"model": "bagofbytes:bag"}
+    recipe = load_recipe({**recipe.model_dump(exclude_unset=True), "teacher": teacher})
+    with pytest.raises(ModelError, match=r"must give \(batch, tokens, vocabulary\) = \[2, 16, 256\]"):
+        run_pipeline(recipe, tmp_path / "run")
