@@ -300,6 +300,10 @@ def test_term_arguments_are_checked_with_a_hint():
         JSD(beta=1.0)
     with pytest.raises(ConfigError, match=r"skew_kl: alpha .* must be in \[0, 1\)"):
         SkewKL(alpha=1.0)
+    with pytest.raises(ConfigError, match=r"jsd: beta must be in \(0, 1\)"):  # the pure functions check too
+        jsd_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), beta=0.0)
+    with pytest.raises(ConfigError, match=r"skew_kl: alpha"):
+        skew_kl_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), alpha=-0.1)
     with pytest.raises(ConfigError, match="rkl: temperature T must be a finite number > 0"):
         RKL(T=0)
     with pytest.raises(ConfigError, match="tvd: chunk must be a whole number of positions >= 1"):

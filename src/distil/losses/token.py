@@ -50,8 +50,8 @@ def _chunk_sum(divergence: Divergence, student_logits: torch.Tensor, teacher_log
     student_log_p = F.log_softmax(_upcast(student_logits) / T, dim=-1)  # (B, c, V), at least float32
     teacher_log_p = F.log_softmax(_upcast(teacher_logits) / T, dim=-1)
     per_token = divergence(student_log_p, teacher_log_p)  # (B, c)
-    # where, not a product: a masked token gets exactly zero gradient, even if its divergence is not finite
-    return torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype)).sum()
+    # where, not a product: a masked token's value never enters the sum (0 * inf would be NaN) and gets zero gradient
+    return torch.where(mask, per_token, per_token.new_zeros(())).sum()
 
 
 def chunked_token_mean(divergence: Divergence, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -78,7 +78,8 @@ def chunked_token_mean(divergence: Divergence, student_logits: torch.Tensor, tea
     # Without the checkpoint, autograd would keep each chunk's float32 (B, c, V) log-probabilities for the
     # backward pass, so by the end of the loop the whole (B, T, V) float32 set would exist after all. With
     # it, a chunk keeps only its input slices (views of the logits) and recomputes its softmaxes in backward,
-    # one chunk at a time. torchtune's ForwardKLWithChunkedOutputLoss chunks the sequence the same way.
+    # one chunk at a time. torchtune's ForwardKLWithChunkedOutputLoss chunks the sequence too, upcasting one
+    # chunk at a time; the checkpoint carries that saving into the backward pass.
     grad = torch.is_grad_enabled() and (student_logits.requires_grad or teacher_logits.requires_grad)
     total = None
     for start in range(0, student_logits.shape[1], chunk):
@@ -90,6 +91,26 @@ def chunked_token_mean(divergence: Divergence, student_logits: torch.Tensor, tea
     if total is None:  # T = 0 positions
         total = _upcast(student_logits).sum() * 0
     return total / mask.sum().clamp(min=1)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_beta(beta: float) -> float:
+    """The generalized JSD's beta: 0 < beta < 1 (at 0 and 1 the divergence is identically 0)."""
+    if not _is_number(beta) or not 0 < beta < 1:
+        raise ConfigError(f"jsd: beta must be in (0, 1), got {beta!r}; the generalized JSD is 0 at beta = 0 and 1: "
+                          "for forward KL use kind 'kd', for reverse KL kind 'rkl'")
+    return float(beta)
+
+
+def check_alpha(alpha: float) -> float:
+    """The skew KL's alpha, the teacher's share of the mixture: 0 <= alpha < 1 (at 1 the divergence is 0)."""
+    if not _is_number(alpha) or not 0 <= alpha < 1:
+        raise ConfigError(f"skew_kl: alpha (the teacher's share of the mixture) must be in [0, 1), got {alpha!r}; "
+                          "at alpha = 1 the divergence is 0 (the paper uses 0.1)")
+    return float(alpha)
 
 
 # --- the divergences, per token: (log p_s, log p_t) (B, c, V) -> (B, c) -----------------------
@@ -136,10 +157,12 @@ def jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: t
     Models: Learning from Self-Generated Mistakes" (GKD, ICLR), with P = teacher, Q = student. beta = 0.5 is
     the usual JSD; it is bounded by log 2. As beta -> 0 the divergence vanishes like beta * KL(p_t || p_s)
     (JSD / beta -> forward KL) and as beta -> 1 like (1 - beta) * KL(p_s || p_t) (JSD / (1 - beta) -> reverse
-    KL): at beta = 0 or 1 exactly the formula is 0. TRL's `generalized_jsd_loss` returns forward KL at
-    beta = 0 and reverse KL at beta = 1 instead; here those are the `kd` and `rkl` terms, and the `jsd` term
-    takes 0 < beta < 1 only. log m is a logsumexp of log-probabilities (as in TRL). Shapes as `token_kl`.
+    KL): at beta = 0 or 1 exactly the formula is 0. TRL's `generalized_jsd_loss` returns forward KL at beta = 0
+    and reverse KL at beta = 1 instead; here those are the `kd` and `rkl` terms, and beta must be in (0, 1)
+    (a `ConfigError` otherwise). log m is a logsumexp of log-probabilities (as in TRL). Shapes as `token_kl`.
     """
+    check_beta(beta)
+
     def divergence(student_log_p: torch.Tensor, teacher_log_p: torch.Tensor) -> torch.Tensor:
         log_m = _log_mix(teacher_log_p, student_log_p, beta)
         return beta * _kl(teacher_log_p, log_m) + (1 - beta) * _kl(student_log_p, log_m)
@@ -159,6 +182,8 @@ def skew_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
     (jongwooko/distillm, distillm/losses.py) sums only -p_t log m, which is this KL plus the teacher's entropy
     (a constant: the same gradient, a different value). log m is a logsumexp. Shapes as `token_kl`.
     """
+    check_alpha(alpha)
+
     def divergence(student_log_p: torch.Tensor, teacher_log_p: torch.Tensor) -> torch.Tensor:
         if alpha == 0:
             return _kl(teacher_log_p, student_log_p)
@@ -181,10 +206,6 @@ def tvd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: t
 
 
 # --- terms ----------------------------------------------------------------------------------
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_temperature(T: float, kind: str) -> float:
@@ -240,10 +261,7 @@ class JSD(nn.Module):
     def __init__(self, beta: float = 0.5, T: float = 1.0, weight: float = 1.0, teacher: str | None = None,
                  chunk: int = CHUNK) -> None:
         super().__init__()
-        if not _is_number(beta) or not 0 < beta < 1:
-            raise ConfigError(f"jsd: beta must be in (0, 1), got {beta!r}; the generalized JSD is 0 at beta = 0 and "
-                              "1: for forward KL use kind 'kd', for reverse KL kind 'rkl'")
-        self.beta, self.T, self.weight = float(beta), _check_temperature(T, "jsd"), check_weight(weight, "jsd")
+        self.beta, self.T, self.weight = check_beta(beta), _check_temperature(T, "jsd"), check_weight(weight, "jsd")
         self.teacher, self.chunk = teacher, check_chunk(chunk, "jsd")
         self.name = "jsd" if teacher is None else f"jsd:{teacher}"
 
@@ -270,10 +288,7 @@ class SkewKL(nn.Module):
     def __init__(self, alpha: float = 0.1, T: float = 1.0, weight: float = 1.0, teacher: str | None = None,
                  chunk: int = CHUNK) -> None:
         super().__init__()
-        if not _is_number(alpha) or not 0 <= alpha < 1:
-            raise ConfigError(f"skew_kl: alpha (the teacher's share of the mixture) must be in [0, 1), got {alpha!r};"
-                              " at alpha = 1 the divergence is 0 (the paper uses 0.1)")
-        self.alpha, self.T = float(alpha), _check_temperature(T, "skew_kl")
+        self.alpha, self.T = check_alpha(alpha), _check_temperature(T, "skew_kl")
         self.weight, self.teacher, self.chunk = check_weight(weight, "skew_kl"), teacher, check_chunk(chunk, "skew_kl")
         self.name = "skew_kl" if teacher is None else f"skew_kl:{teacher}"
 
