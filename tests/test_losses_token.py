@@ -212,6 +212,9 @@ def test_logits_b_k_are_b_sequences_of_one_token():
         assert float(flat) == pytest.approx(float(loss(student[:, None], teacher[:, None], None, 2.0)), rel=1e-6)
     assert float(token_kl(student, teacher, None, 2.0)) == pytest.approx(float(kd_loss(student, teacher, 2.0)),
                                                                           rel=1e-6)
+    some = torch.tensor([True, False, True, True])  # a (B,) mask leaves samples out of kd_loss too
+    kept = kd_loss(student[some], teacher[some], 2.0)
+    assert float(kd_loss(student, teacher, 2.0, some)) == pytest.approx(float(kept), rel=1e-6)
 
 
 # --- the terms: masks from the batch, kd and ce on (B, T, V) ----------------------------------

@@ -144,9 +144,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
     Shapes: (B, K) and (B, K) -> scalar. T^2 keeps the gradient scale independent of T
     (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network").
     Language models: (B, T, V), (B, T, V) and `mask` (B, T) (None = every token) -> the same KL per token,
-    averaged over the tokens where the mask is True (`distil.losses.token.token_kl`, chunked over T).
+    averaged over the tokens where the mask is True (`distil.losses.token.token_kl`, chunked over T); a mask
+    (B,) with logits (B, K) likewise averages over the samples where it is True.
     """
-    if student_logits.dim() == 3:
+    if student_logits.dim() == 3 or mask is not None:
         from distil.losses.token import token_kl  # here, not at the top: token.py builds on this file
 
         return token_kl(student_logits, teacher_logits, mask, T, chunk)
