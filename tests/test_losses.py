@@ -221,7 +221,8 @@ def test_every_loss_term_gives_a_finite_scalar_and_trains_only_the_student(kind)
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
 
 
-@pytest.mark.parametrize("kind", ["kd", "dkd", "dist", "multi_kd", "fitnet", "at", "pkt", "nst", "rkd", "sp", "cc"])
+@pytest.mark.parametrize("kind", ["kd", "dkd", "dist", "multi_kd", "fitnet", "at", "pkt", "nst", "rkd", "sp", "cc",
+                                  "rkl", "jsd", "skew_kl", "tvd"])
 def test_teacher_terms_vanish_when_the_student_is_the_teacher(kind):
     torch.manual_seed(0)
     teacher, student = Tiny(4), Tiny(4)

@@ -20,10 +20,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from distil.batches import Progress
-from distil.errors import ConfigError, ModelError
+from distil.errors import ConfigError, ModelError, ShapeError
 
 UNLABELED = -1  # target value of transfer-set samples: no hard label, soft targets only
 STUDENT = "student"  # the participant name of the model being trained
+CHUNK = 128  # token-level losses read (B, CHUNK, V) logits at a time (`distil.losses.token`)
 
 
 @dataclass(frozen=True)
@@ -104,30 +105,69 @@ def check_weight(weight: float, kind: str) -> float:
     return float(weight)
 
 
-def ce_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+def check_chunk(chunk: int, kind: str) -> int:
+    """Positions per chunk of a token-level loss: a whole number >= 1."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ConfigError(f"{kind}: chunk must be a whole number of positions >= 1, got {chunk!r}; smaller chunks "
+                          "hold less of the (B, T, V) float32 probabilities at once, larger ones run faster")
+    return chunk
+
+
+def ce_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy over labelled samples (targets != -1); 0 when none is labelled.
 
-    Shapes: (B, K), (B,) -> scalar. Written as sum / count so that an all-unlabelled batch gives
-    0 instead of NaN, without a host sync.
+    Shapes: (B, K), (B,) -> scalar; or, for language models, (B, T, V), (B, T) -> scalar, the mean over the
+    tokens with a target (next-token cross-entropy). `mask` (the targets' shape, True = counts) leaves out
+    more positions (padding, prompt) on top of the -1 targets. Written as sum / count so that an
+    all-unlabelled batch gives 0 instead of NaN, without a host sync.
     """
-    if logits.ndim == 3:  # tokens: (B, T, V), (B, T) -> (B*T, V), (B*T,)
+    if logits.shape[:-1] != targets.shape or logits.dim() not in (2, 3):
+        raise ShapeError(f"ce reads logits (B, K) with targets (B,), or (B, T, V) with targets (B, T); got logits "
+                         f"{list(logits.shape)} and targets {list(targets.shape)}")
+    if mask is not None:
+        if mask.shape != targets.shape:
+            raise ShapeError(f"ce: the mask must have the targets' shape {list(targets.shape)}, got "
+                             f"{list(mask.shape)}")
+        targets = targets.masked_fill(~mask.bool(), UNLABELED)
+    if logits.dim() == 3:  # (B, T, V) -> (B*T, V), (B, T) -> (B*T,): one row per token
         logits, targets = logits.flatten(0, 1), targets.flatten()
     total = F.cross_entropy(logits, targets, ignore_index=UNLABELED, reduction="sum",
                             label_smoothing=label_smoothing)
     return total / (targets != UNLABELED).sum().clamp(min=1)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float,
+            mask: torch.Tensor | None = None, chunk: int = CHUNK) -> torch.Tensor:
     """Hinton's soft loss: T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, mean over batch.
 
     Shapes: (B, K) and (B, K) -> scalar. T^2 keeps the gradient scale independent of T
     (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network").
+    Language models: (B, T, V), (B, T, V) and `mask` (B, T) (None = every token) -> the same KL per token,
+    averaged over the tokens where the mask is True (`distil.losses.token.token_kl`, chunked over T); a mask
+    (B,) with logits (B, K) likewise averages over the samples where it is True.
     """
+    if student_logits.dim() == 3 or mask is not None:
+        from distil.losses.token import token_kl  # here, not at the top: token.py builds on this file
+
+        return token_kl(student_logits, teacher_logits, mask, T, chunk)
     student_log_p = F.log_softmax(student_logits / T, dim=1)
     teacher_log_p = F.log_softmax(teacher_logits / T, dim=1)
     kl_sum = F.kl_div(student_log_p, teacher_log_p, reduction="sum", log_target=True)
     return kl_sum * (T * T / student_logits.shape[0])  # one multiply: batch mean and T^2 together
 
+
+def token_mask(views: Views) -> torch.Tensor | None:
+    """The tokens a term counts: `views.mask` when the batch has one, else the positions with a target
+    (`targets != UNLABELED`: not padding, not prompt) for language-model logits (B, T, V); None (every sample
+    counts, labelled or not) for logits (B, K)."""
+    if views.mask is not None or views.student.logits.dim() != 3:
+        return views.mask
+    if views.targets.shape != views.student.logits.shape[:2]:
+        raise ShapeError(f"language-model logits {list(views.student.logits.shape)} need targets (B, T) = "
+                         f"{list(views.student.logits.shape[:2])} (-1 = padding or prompt) or a Batch mask; got "
+                         f"targets {list(views.targets.shape)}")
+    return views.targets != UNLABELED
 
 
 # --- terms ----------------------------------------------------------------------------------
@@ -150,20 +190,22 @@ class CE(nn.Module):
         pass
 
     def forward(self, views: Views) -> torch.Tensor:
-        return ce_loss(views.student.logits, views.targets, self.label_smoothing)
+        return ce_loss(views.student.logits, views.targets, self.label_smoothing, views.mask)
 
 
 class KD(nn.Module):
     """Response distillation `weight * T^2 * KL(teacher_T || student_T)` (see `kd_loss`).
 
     `teacher` names the teacher it reads (several teachers: one KD term each); None = the only teacher.
+    Language models (logits (B, T, V)): the same KL per token, averaged over the tokens of `token_mask` (not
+    padding, not prompt), `chunk` positions at a time; a recipe keeps `kind: kd` unchanged.
     """
 
-    def __init__(self, T: float = 4.0, weight: float = 1.0, teacher: str | None = None) -> None:
+    def __init__(self, T: float = 4.0, weight: float = 1.0, teacher: str | None = None, chunk: int = CHUNK) -> None:
         super().__init__()
         if not math.isfinite(T) or T <= 0:
             raise ConfigError(f"KD temperature T must be > 0, got {T}")
-        self.T, self.weight, self.teacher = T, check_weight(weight, "kd"), teacher
+        self.T, self.weight, self.teacher, self.chunk = T, check_weight(weight, "kd"), teacher, check_chunk(chunk, "kd")
         self.name = "kd" if teacher is None else f"kd:{teacher}"
 
     def reads(self) -> Reads:
@@ -176,4 +218,6 @@ class KD(nn.Module):
         teacher_logits = views.teacher(self.teacher).logits
         if teacher_logits is None:
             raise ModelError("KD needs teacher logits; give the Distiller a teacher")
+        if views.student.logits.dim() == 3:  # language model: the teacher never gets a gradient from a term
+            return kd_loss(views.student.logits, teacher_logits.detach(), self.T, token_mask(views), self.chunk)
         return kd_loss(views.student.logits, teacher_logits, self.T)
