@@ -184,3 +184,33 @@ def test_a_model_that_is_not_a_language_model_is_refused_for_text(tmp_path, monk
     recipe = load_recipe({**recipe.model_dump(exclude_unset=True), "teacher": teacher})
     with pytest.raises(ModelError, match=r"must give \(batch, tokens, vocabulary\) = \[2, 16, 256\]"):
         run_pipeline(recipe, tmp_path / "run")
+
+
+def test_per_token_teacher_logits_are_cached_as_top_k_and_unpacked_per_batch(tmp_path):
+    """Full per-token logits stay online (too large); top-k is stored packed (N, T, 2k+1); with k = V the loss
+    equals the online teacher's exactly."""
+    from distil import CE, KD, Distiller
+    from distil.batches import Batch
+    from distil.cache import TeacherCache
+
+    splits = load_splits("textfolder", {"path": str(write_corpus(tmp_path / "t")), "block": 8})
+    torch.manual_seed(0)
+    teacher = build_model("gpt", (8,), 256, width=16, depth=1, heads=2)
+    student = build_model("gpt", (8,), 256, width=8, depth=1, heads=2)
+    distiller = Distiller(student, teacher, [KD(T=2, weight=0.5), CE(weight=0.5)], scoring=BITS_PER_BYTE)
+    train = splits.train
+    assert distiller.with_teacher_logits(train) is train  # nothing precomputed
+    assert distiller.cache_events["teacher"]["status"] == "online"
+    assert "set distill.top_k" in distiller.cache_events["teacher"]["reason"]
+    packed = distiller.with_teacher_logits(train, cache=TeacherCache(tmp_path / "cache"), top_k=256)
+    assert packed.teacher_logits["teacher"].shape == (len(train), 8, 2 * 256 + 1)
+    index = torch.arange(4)
+    online = distiller(Batch(train.x[:4], train.y[:4], index))
+    cached = distiller(Batch(train.x[:4], train.y[:4], index,
+                             teacher_logits={"teacher": packed.teacher_logits["teacher"][:4]}))
+    assert torch.allclose(online.loss, cached.loss, atol=1e-5)
+    small = distiller.with_teacher_logits(train, top_k=4)
+    assert small.teacher_logits["teacher"].shape == (len(train), 8, 9)
+    approximate = distiller(Batch(train.x[:4], train.y[:4], index,
+                                  teacher_logits={"teacher": small.teacher_logits["teacher"][:4]}))
+    assert approximate.loss.isfinite() and not torch.allclose(approximate.loss, online.loss)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -134,11 +135,12 @@ def top_k_pack(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_k_unpack(packed: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Dense (N, K) logits from `top_k_pack`: the top k as stored, every other class at log(rest mass / (K - k)),
+    """Dense (N, K) (or (N, T, K) per token) logits from `top_k_pack`: the top k as stored, every other class
+    at log(rest mass / (K - k)),
     so softmax at T=1 keeps the stored probabilities and the rest's total; exact when k == K."""
     k = (packed.shape[-1] - 1) // 2
-    values, indices, rest = packed[:, :k], packed[:, k:2 * k].long(), packed[:, -1:]
+    values, indices, rest = packed[..., :k], packed[..., k:2 * k].long(), packed[..., -1:]  # (..., k/k/1)
     others = num_classes - k
-    fill = rest - torch.log(torch.tensor(float(max(others, 1))))  # (N, 1): each remaining class's logit
-    dense = fill.expand(-1, num_classes).clone()
+    fill = rest - math.log(max(others, 1))  # (..., 1): each remaining class's logit
+    dense = fill.expand(*fill.shape[:-1], num_classes).clone()  # (..., K); per token for (N, T, 2k+1)
     return dense.scatter(-1, indices, values)

@@ -176,6 +176,7 @@ class Distiller(nn.Module):
         self.needed = [name for name in teachers if name in read]  # teachers run each step
         self.num_classes: int | None = None
         self.cache_events: dict[str, dict] = {}
+        self._packed: dict[str, int] = {}  # teachers whose cached per-token top-k stay packed: name -> vocabulary
 
     @property
     def teachers(self) -> dict[str, nn.Module]:
@@ -239,7 +240,10 @@ class Distiller(nn.Module):
         for name in self.needed:
             taps = self.teacher_taps[name]
             if name in batch.teacher_logits and not taps.modules:
-                outputs[name] = Outputs(batch.teacher_logits[name])
+                logits = batch.teacher_logits[name]
+                if name in self._packed:  # per-token top-k, stored packed: (B, T, 2k+1) -> (B, T, V)
+                    logits = top_k_unpack(logits, self._packed[name])
+                outputs[name] = Outputs(logits)
                 continue
             with torch.no_grad(), taps:
                 outputs[name] = Outputs(teachers[name](batch.inputs), taps.outputs)
@@ -256,29 +260,40 @@ class Distiller(nn.Module):
         sample's k largest logits and the rest's total mass are kept (`distil.cache.top_k_pack`); the other
         classes share that mass equally when the targets are rebuilt.
         """
-        cached, self.cache_events = {}, {}
+        cached, self.cache_events, self._packed = {}, {}, {}
         for name in self.needed:
             if self.teacher_taps[name].modules:
                 continue
             teacher = self.teachers[name]
+            shape = output_shape(teacher, split)  # (K,), or (T, V) for a language model
+            if len(shape) == 2 and top_k is None:  # per-token logits: N * T * V floats, e.g. 2 GB for 2 MB of text
+                self.cache_events[name] = {"status": "online", "top_k": None, "reason": (
+                    f"per-token logits of {len(split):,} x {shape[0]} x {shape[1]} floats "
+                    f"({len(split) * shape[0] * shape[1] * 4 / 2**30:.1f} GiB) are not precomputed; set "
+                    "distill.top_k (e.g. 8) to store each token's top k")}
+                continue
+            pack = (lambda logits: logits) if top_k is None else (lambda logits: top_k_pack(logits, top_k))
 
-            def compute(teacher: nn.Module = teacher) -> torch.Tensor:
+            def compute(teacher: nn.Module = teacher, pack=pack) -> torch.Tensor:
                 device = next(teacher.parameters(), torch.empty(0)).device
                 with torch.no_grad():  # not inference_mode: the logits later enter autograd as targets
-                    return torch.cat([teacher(split.x[i:i + batch_size].to(device)).cpu()
-                                      for i in range(0, len(split), batch_size)])  # (N, K)
+                    return torch.cat([pack(teacher(split.x[i:i + batch_size].to(device)).cpu())
+                                      for i in range(0, len(split), batch_size)])  # (N, K) or packed
 
-            classes = compute_classes(teacher, split) if top_k is not None else 0
+            classes = shape[-1]
             if top_k is not None and not 1 <= top_k <= classes:
                 raise ConfigError(f"top_k={top_k}: keep between 1 and the {classes} classes of teacher '{name}'")
-            stored = compute if top_k is None else (lambda compute=compute: top_k_pack(compute(), top_k))
+            stored = compute
             if cache is None:
                 values = stored()
             else:
                 key = cache_key(teacher, split.x, "logits" if top_k is None else f"top{top_k}")
                 values = cache.get(key, stored)
                 self.cache_events[name] = {"key": key, "status": cache.last_event, "top_k": top_k}
-            cached[name] = values if top_k is None else top_k_unpack(values, classes)
+            if top_k is not None and len(shape) == 2:
+                cached[name], self._packed[name] = values, classes  # unpacked per batch: (B, T, 2k+1) -> (B, T, V)
+            else:
+                cached[name] = values if top_k is None else top_k_unpack(values, classes)
         return Split(split.x, split.y, {**(split.teacher_logits or {}), **cached}) if cached else split
 
     def forward(self, batch: Batch, progress: Progress | None = None) -> StepOutput:
@@ -299,11 +314,11 @@ class Distiller(nn.Module):
         save_tensors(path, {k: v for k, v in self.terms.state_dict().items()})
 
 
-def compute_classes(teacher: nn.Module, split: Split) -> int:
-    """The number of classes a teacher gives, from one sample."""
+def output_shape(teacher: nn.Module, split: Split) -> tuple[int, ...]:
+    """The shape of a teacher's logits for one sample: (K,), or (T, V) per token for a language model."""
     device = next(teacher.parameters(), torch.empty(0)).device
     with torch.no_grad():
-        return teacher(split.x[:1].to(device)).shape[-1]
+        return tuple(teacher(split.x[:1].to(device)).shape[1:])
 
 
 def _check_participants(student: nn.Module, teachers: dict[str, nn.Module], terms: list) -> None:

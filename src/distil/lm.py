@@ -168,7 +168,9 @@ def report_lm(run, names: list[str]) -> Path:
                 notes.append(f"{name}: onnxruntime dynamic int8 (weights int8, activations quantized at run time); "
                              f"validation bits/byte {info['fp32_val_bpb']:.3f} in fp32 ONNX -> "
                              f"{info['val_bpb']:.3f} in int8")
-    from distil.stages import read_history  # the report stage's own reader of log.jsonl
+    from distil.stages import cache_notes, read_history  # the report stage's own readers of log.jsonl
+
+    notes += cache_notes(run.path("log.jsonl"))
 
     return write_lm_report(run.run_dir, models, read_history(run.path("log.jsonl")), notes, samples,
                            f"distil report: {r.name}")

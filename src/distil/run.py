@@ -208,7 +208,7 @@ class Run:
                 distributed.barrier(group)
             for teacher_name, event in distiller.cache_events.items():
                 self.log_event({"stage": name, "event": "teacher_cache", "teacher": teacher_name, **event,
-                                "folder": str(cache.folder)})
+                                "folder": str(cache.folder) if cache is not None else None})
         self.fit(distiller, train, section, name, record=record)
         return distiller
 

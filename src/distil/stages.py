@@ -289,8 +289,12 @@ def cache_notes(path: Path) -> list[str]:
             events[(record["stage"], record["teacher"])] = record
     notes = []
     for (stage, teacher), e in events.items():
+        if e["status"] == "online":
+            notes.append(f"{stage}: teacher '{teacher}' ran at every step: {e['reason']}")
+            continue
         verb = "read from" if e["status"] == "reused" else f"{e['status']} into"
-        note = f"{stage}: teacher '{teacher}' logits {verb} the teacher cache (entry {e['key']} in {e['folder']})"
+        where = f" (entry {e['key']} in {e['folder']})" if e.get("folder") else " (in memory, for this run)"
+        note = f"{stage}: teacher '{teacher}' logits {verb} the teacher cache{where}"
         if e.get("top_k"):
             note += f"; only the top {e['top_k']} logits per sample kept, the other classes sharing the rest"
         notes.append(note)
