@@ -89,6 +89,8 @@ def _pipeline(recipe: Path | None, run_dir: Path | None, overrides: list[str], f
         if (target / "metrics.json").exists():
             metrics = load_metrics(target)
             _print_table(metrics["models"])
+            for line in (metrics.get("verdict") or {}).get("text", []):
+                console.print(f"[bold green]verdict:[/] {escape(line)}", highlight=False, soft_wrap=True)
             for warning in metrics.get("warnings", []):
                 console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
             console.print(f"report: {target / 'report.md'} (and report.html)")
