@@ -133,3 +133,10 @@ def test_a_tiny_sweep_writes_its_files_trains_the_teacher_once_and_resumes(tmp_p
     # another budget is another recipe: refused, not mixed into these trials
     fails_cleanly(["sweep", recipe, "--trials", "4", "--epochs", "3", "--run-dir", str(run_dir)],
                   "holds a sweep or run of another recipe (it differs in student")
+
+
+def test_a_recipe_with_no_validation_split_exits_2_naming_the_field(tmp_path, tiny_recipe):
+    tiny_recipe["data"]["val_fraction"] = 0
+    fails_cleanly(["sweep", write_recipe(tmp_path, tiny_recipe), "--trials", "2", "--run-dir", str(tmp_path / "s")],
+                  "data.val_fraction is 0: the sweep ranks trials by validation accuracy")
+    assert not (tmp_path / "s").exists()

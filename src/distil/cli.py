@@ -179,7 +179,8 @@ def sweep(recipe: Path = typer.Argument(..., help="Recipe YAML with a kd term: i
         target = run_dir or Path("runs") / f"{loaded.name}-sweep"
         console.print(f"recipe {recipe} -> sweep folder {target}")
         command = " ".join(["distil sweep", str(recipe), f"--trials {trials}", *([f"--epochs {epochs}"] if epochs
-                                                                                   else [])])
+                                                                                   else []),
+                            *(f"--set {item}" for item in overrides if item != f"student.train.epochs={epochs}")])
         say = lambda line: console.print(escape(line), highlight=False, soft_wrap=True)
         columns = [TextColumn("{task.description:>22}"), BarColumn(bar_width=20), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("{task.fields[info]}")]

@@ -123,6 +123,9 @@ class Sweep:
             raise DistilError(f"--trials {trials}: run at least 1 trial")
         self.recipe, self.run_dir, self.trials, self.say, self.command = recipe, Path(run_dir), trials, say, command
         self.space = search_space(recipe.distill.terms)
+        if recipe.data.val_fraction == 0:
+            raise RecipeError("data.val_fraction is 0: the sweep ranks trials by validation accuracy, never by test. "
+                              "Hold out a validation split, e.g. data.val_fraction: 0.1.")
         check_same_recipe(recipe, self.run_dir)
         self.run: Run = open_run(recipe, self.run_dir, on_epoch=on_epoch, on_stage=on_stage)
         self._train: Split | None = None
@@ -194,7 +197,7 @@ class Sweep:
         try:
             result = run.fit(distiller, train, self.recipe.student.train, name)
         finally:
-            for kind in ("last", "best"):  # a trial that stopped never resumes (a new trial reruns its values)
+            for kind in ("last", "best"):  # a stopped trial is rerun from the start, as a new trial
                 run.path(f"checkpoints/{name}-{kind}.safetensors").unlink(missing_ok=True)
         return result.best_score, accuracy(student.cpu(), run.test)
 
