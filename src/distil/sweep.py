@@ -227,6 +227,10 @@ class Sweep:
         except NonFiniteLossError as err:  # these values diverge: the trial fails, the sweep goes on
             self.say(f"trial {trial.number}: {_values(values)} -> failed: {err}")
             raise
+        except KeyboardInterrupt:  # Optuna records the trial as failed: the next call runs its values again
+            trial.set_user_attr("interrupted", True)
+            self.study.enqueue_trial(values, user_attrs={"rerun of": trial.number})
+            raise
         trial.set_user_attr("test_acc", test)  # read for the best trial only; selection is by validation
         self.say(f"trial {trial.number}: {_values(values)} -> val {val:.3f}")
         return val

@@ -33,7 +33,8 @@ def write_outputs(sweep: Sweep, reference: dict) -> dict:
         "best": {"trial": best.number, "params": best.params, "val_acc": best.value,
                  "test_acc": best.user_attrs.get("test_acc"), "terms": best_terms},
         "reference": {"params": own_values(sweep.space), **reference, "terms": sweep.recipe.distill.terms},
-        "trials": [{"number": t.number, "state": t.state.name.lower(), "params": t.params, "val_acc": t.value,
+        "trials": [{"number": t.number, "state": "interrupted" if t.user_attrs.get("interrupted") else
+                    t.state.name.lower(), "params": t.params, "val_acc": t.value,
                     "last_val_acc": _last(t), "epochs": max(t.intermediate_values, default=None),
                     "seconds": t.duration.total_seconds() if t.duration else None} for t in trials],
     }
@@ -78,11 +79,12 @@ def write_plots(sweep: Sweep, folder: Path) -> tuple[dict[str, Path], dict[str, 
 
 def markdown(sweep: Sweep, summary: dict, trials: list, plots: dict[str, Path]) -> str:
     best, ref, budget = summary["best"], summary["reference"], summary["budget"]
-    counts = {s: sum(t["state"] == s for t in summary["trials"]) for s in ("complete", "pruned", "fail")}
+    counts = {s: sum(t["state"] == s for t in summary["trials"]) for s in ("complete", "pruned", "fail", "interrupted")}
     diff = (best["test_acc"] - ref["test_acc"]) * 100
+    stopped = f", {counts['interrupted']} interrupted and run again" if counts["interrupted"] else ""
     lines = [f"# distil sweep: {sweep.recipe.name}", "",
              f"`{summary['command']}`: {len(trials)} trials ({counts['complete']} complete, {counts['pruned']} "
-             f"pruned by the median pruner, {counts['fail']} failed), selected by validation accuracy.", "",
+             f"pruned by the median pruner, {counts['fail']} failed{stopped}), selected by validation accuracy.", "",
              f"**Best: trial {best['trial']}** ({_params(best['params'])}): validation {best['val_acc']:.3f}, test "
              f"{best['test_acc']:.3f}. **The recipe's own settings** ({_params(ref['params'])}), distilled once with "
              f"the same budget: validation {ref['val_acc']:.3f}, test {ref['test_acc']:.3f}. On test the best trial "
