@@ -172,6 +172,14 @@ def test_compress_and_export_end_to_end(tmp_path, tiny_recipe):
     assert models["teacher-pruned"]["macs"] < 0.5 * models["teacher"]["macs"]
     assert models["teacher-pruned-int8"]["runtime"] == "onnxruntime"
     assert 0.8 <= models["teacher-pruned-int8"]["fp32_agreement"] <= 1
+    # the verdict: the smallest and the fastest model within 1 point of the teacher, worked out here from the rows
+    verdict = json.loads((run_dir / "metrics.json").read_text())["verdict"]
+    within = [n for n, m in models.items() if m["accuracy"] >= models["teacher"]["accuracy"] - 0.01 - 1e-9]
+    assert verdict["within"] == within and verdict["runtime"] == "onnxruntime"
+    assert verdict["smallest"]["model"] == min(within, key=lambda n: models[n]["onnx_bytes"])
+    assert verdict["fastest"]["model"] == max(within, key=lambda n: models[n]["ort_throughput_b256"])
+    assert (run_dir / "report.md").read_text().splitlines()[2].startswith("**Verdict.** ")
+    assert "verdict:" in result.output
     exported = json.loads((run_dir / "export.json").read_text())
     assert all(v.get("max_abs_logit_diff", 0) <= 1e-4 for v in exported.values())
     bench = runner.invoke(app, ["bench", str(run_dir / "teacher-pruned.safetensors")])

@@ -89,6 +89,8 @@ def _pipeline(recipe: Path | None, run_dir: Path | None, overrides: list[str], f
         if (target / "metrics.json").exists():
             metrics = load_metrics(target)
             _print_table(metrics["models"], metrics.get("task", "classify"))
+            for line in (metrics.get("verdict") or {}).get("text", []):
+                console.print(f"[bold green]verdict:[/] {escape(line)}", highlight=False, soft_wrap=True)
             for warning in metrics.get("warnings", []):
                 console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
             console.print(f"report: {target / 'report.md'} (and report.html)")
@@ -149,6 +151,48 @@ def _launch(nproc: int, recipe: Path | None, run_dir: Path | None, overrides: li
         print(done.stderr[-6000:], file=sys.stderr)
     if done.returncode:
         raise typer.Exit(2 if done.returncode != 130 else 130)
+
+
+@app.command()
+def sweep(recipe: Path = typer.Argument(..., help="Recipe YAML with a kd term: its T and alpha, and the weights of "
+                                                   "the other terms, are searched."),
+          trials: int = typer.Option(20, "--trials", min=1, help="Trials in all; a rerun runs the missing ones."),
+          run_dir: Path = typer.Option(None, "--run-dir", help="Sweep folder; default runs/<recipe name>-sweep."),
+          epochs: int = typer.Option(None, "--epochs", min=1, help="Student epochs per trial (default: the recipe's "
+                                                                    "student.train.epochs)."),
+          overrides: list[str] = SET) -> None:
+    """Search the KD temperature T, alpha and the other terms' weights with Optuna (TPE, median pruning).
+
+    The teacher trains once into the sweep folder and its logits are shared by every trial. Writes sweep.db (rerun
+    the command to resume), sweep.md (the trials, the best against the recipe's own settings), plots/ and best.yaml,
+    which `distil run` takes.
+    """
+    from distil.build import load_recipe
+    from distil.recipe import apply_overrides, read_recipe
+    from distil.sweep import import_optuna, run_sweep
+
+    overrides = overrides + ([f"student.train.epochs={epochs}"] if epochs else [])
+    try:
+        if not _state["debug"]:  # a line per trial says what Optuna's own log would
+            import_optuna().logging.set_verbosity(import_optuna().logging.WARNING)
+        loaded = load_recipe(apply_overrides(read_recipe(recipe), overrides), where=str(recipe))
+        target = run_dir or Path("runs") / f"{loaded.name}-sweep"
+        console.print(f"recipe {recipe} -> sweep folder {target}")
+        command = " ".join(["distil sweep", str(recipe), f"--trials {trials}", *([f"--epochs {epochs}"] if epochs
+                                                                                   else []),
+                            *(f"--set {item}" for item in overrides if item != f"student.train.epochs={epochs}")])
+        say = lambda line: console.print(escape(line), highlight=False, soft_wrap=True)
+        columns = [TextColumn("{task.description:>22}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
+        with Progress(*columns, console=console, transient=False) as progress:
+            bar = _EpochProgress(progress)
+            summary = run_sweep(loaded, target, trials, say, on_epoch=bar.epoch, on_stage=bar.stage, command=command)
+    except DistilError as err:
+        _fail(err)
+    best, ref = summary["best"], summary["reference"]
+    console.print(f"best: trial {best['trial']}, val {best['val_acc']:.3f}, test {best['test_acc']:.3f}; the "
+                  f"recipe's own settings: val {ref['val_acc']:.3f}, test {ref['test_acc']:.3f}", highlight=False)
+    console.print(f"wrote: {target / 'sweep.md'}, {target / 'best.yaml'} (distil run {target / 'best.yaml'})")
 
 
 @app.command()

@@ -129,6 +129,9 @@ class ReportSection(_Section):
     throughput_batch: int = Field(256, ge=1)
     threads: int | None = Field(1, ge=1)  # for every timing in the report; None = all cores. 1 is stable
     #                                       and close to one core of an edge device; `distil bench` shows both
+    # the verdict names the smallest and the fastest model whose test accuracy is within this of the teacher's
+    # (a fraction: 0.01 is one point); warnings use it for int8 and pruned models too
+    tolerance: float = Field(0.01, ge=0, lt=1)
 
 
 class SchemesSection(_Section):

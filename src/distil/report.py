@@ -63,35 +63,112 @@ def markdown_table(models: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def report_warnings(models: dict[str, dict]) -> list[str]:
-    """What a reader must not miss: distillation that did not pay, int8 files that grew."""
+def report_warnings(models: dict[str, dict], tolerance: float = 0.01) -> list[str]:
+    """What a reader must not miss: distillation that did not pay, int8 files that lost accuracy or grew, pruned
+    models that lost more than `tolerance` (a fraction of accuracy: 0.01 is one point)."""
     found = []
     student, baseline = models.get("student"), models.get("baseline")
     if student and baseline and student["accuracy"] < baseline["accuracy"]:
         found.append(f"the distilled student ({student['accuracy']:.3f}) is less accurate than the same student "
                      f"trained on labels alone ({baseline['accuracy']:.3f}): distillation did not pay here. Try "
-                     "another temperature or alpha, a transfer set, a better teacher, or ship the baseline.")
+                     "another temperature or alpha (`distil sweep`), a transfer set, a better teacher, or ship the "
+                     "baseline.")
+    allowed = f"more than the report's tolerance of {_points(tolerance)}"
     for name, row in models.items():
-        fp32 = models.get(name.removesuffix("-int8"), {}).get("onnx_bytes") if name.endswith("-int8") else None
+        source = models.get(name.removesuffix("-int8")) if name.endswith("-int8") else None
+        if source and source["accuracy"] - row["accuracy"] > tolerance + EPS:
+            found.append(f"{name} ({row['accuracy']:.3f}) lost {_points(source['accuracy'] - row['accuracy'])} of "
+                         f"accuracy against its fp32 form {name.removesuffix('-int8')} ({source['accuracy']:.3f}), "
+                         f"{allowed}: ship the fp32 file, or let quantization-aware fine-tuning run (export.qat, "
+                         "export.qat_threshold).")
+        fp32 = source.get("onnx_bytes") if source else None
         if fp32 and row.get("bytes", 0) > fp32:
             found.append(f"{name} ({row['bytes']:,} bytes) is larger than its fp32 ONNX file ({fp32:,} bytes): "
                          "on a model this small the quantize/dequantize nodes and scales outweigh the 4x smaller "
                          "weights. Ship the fp32 file.")
+        unpruned = name.split("-pruned")[0] if "-pruned" in name and not name.endswith("-int8") else None
+        if unpruned in models and models[unpruned]["accuracy"] - row["accuracy"] > tolerance + EPS:
+            drop = models[unpruned]["accuracy"] - row["accuracy"]
+            found.append(f"{name} ({row['accuracy']:.3f}) lost {_points(drop)} of accuracy against the unpruned "
+                         f"{unpruned} ({models[unpruned]['accuracy']:.3f}), {allowed}: prune less (compress.ratio), "
+                         "in steps (compress.steps), or fine-tune longer (compress.finetune.epochs).")
     return found
 
 
+EPS = 1e-9  # accuracies are float32 fractions of the test set: 0.974 must count as within 0.984 - 0.01
+
+
+def _points(fraction: float) -> str:
+    return f"{fraction * 100:.1f} point" + ("" if round(fraction * 100, 1) == 1 else "s")
+
+
+def verdict(models: dict[str, dict], tolerance: float = 0.01) -> dict | None:
+    """Which model to ship: the smallest (deployable file bytes) and the fastest (throughput at the report's large
+    batch) of the models whose accuracy is within `tolerance` of the teacher's (the teacher itself included), each
+    with its size, throughput and batch-1 latency against the teacher's.
+
+    Speeds compare within one runtime: onnxruntime when every model was exported (int8 files run there only), else
+    PyTorch. `models` are rows of `metrics.json`; None without a teacher row.
+    """
+    teacher = models.get("teacher")
+    if teacher is None:
+        return None
+    ort = all("ort_throughput_b256" in m and "ort_latency_ms_b1" in m for m in models.values())
+    speed, latency = ("ort_throughput_b256", "ort_latency_ms_b1") if ort else ("throughput_b256", "latency_ms_b1")
+    size = "onnx_bytes" if all("onnx_bytes" in m for m in models.values()) else "bytes"
+    within = {n: m for n, m in models.items() if m["accuracy"] >= teacher["accuracy"] - tolerance - EPS}
+
+    def pick(name: str) -> dict:
+        m = within[name]
+        return {"model": name, "accuracy": m["accuracy"], "bytes": m[size], "throughput": m[speed],
+                "latency_ms_b1": m[latency], "size_ratio": m[size] / teacher[size],
+                "throughput_ratio": m[speed] / teacher[speed], "latency_ratio": m[latency] / teacher[latency]}
+
+    smallest = pick(min(within, key=lambda n: (within[n][size], -within[n][speed])))
+    fastest = pick(max(within, key=lambda n: (within[n][speed], -within[n][size])))
+    result = {"tolerance": tolerance, "teacher_accuracy": teacher["accuracy"], "within": list(within),
+              "runtime": "onnxruntime" if ort else "pytorch", "smallest": smallest, "fastest": fastest}
+    return {**result, "text": verdict_text(result)}
+
+
+def verdict_text(v: dict) -> list[str]:
+    """The verdict in plain words, one sentence per line."""
+    tol, t_acc, runtime = _points(v["tolerance"]), v["teacher_accuracy"], v["runtime"]
+    if v["within"] == ["teacher"]:
+        return [f"Ship the teacher: no other model of this run is within {tol} of its accuracy ({t_acc:.3f})."]
+
+    def describe(p: dict) -> str:
+        if p["model"] == "teacher":
+            return "the teacher itself"
+        delta = (p["accuracy"] - t_acc) * 100
+        return (f"accuracy {p['accuracy']:.3f} ({delta:+.1f} pt against the teacher's {t_acc:.3f}); its file is "
+                f"{_bytes(p['bytes'])}, {p['size_ratio']:.2f}x the teacher's ({1 / p['size_ratio']:.1f}x smaller); "
+                f"throughput {p['throughput_ratio']:.1f}x the teacher's and batch-1 latency "
+                f"{p['latency_ratio']:.2f}x the teacher's ({runtime})")
+
+    small, fast = v["smallest"], v["fastest"]
+    if small["model"] == fast["model"]:
+        return [f"Ship {small['model']}, the smallest and the fastest model within {tol} of the teacher's accuracy: "
+                f"{describe(small)}."]
+    return [f"Smallest within {tol} of the teacher's accuracy: {small['model']}: {describe(small)}.",
+            f"Fastest within {tol}: {fast['model']}: {describe(fast)}."]
+
+
 def write_report(run_dir: Path, models: dict[str, dict], history: list[dict], notes: list[str],
-                 title: str) -> Path:
-    """Write metrics.json, plots/*.png, report.md and report.html into `run_dir`; return report.md's path."""
+                 title: str, tolerance: float = 0.01) -> Path:
+    """Write metrics.json, plots/*.png, report.md and report.html into `run_dir`; return report.md's path.
+    Both reports open with the verdict (`verdict`, for an accuracy `tolerance`), then the warnings."""
     run_dir = Path(run_dir)
     plots = {"training": plot_training(history, run_dir / "plots" / "training.png"),
              "tradeoff": plot_tradeoff(models, run_dir / "plots" / "tradeoff.png")}
-    warnings = report_warnings(models)
-    payload = json.dumps({"models": models, "notes": notes, "warnings": warnings}, indent=2)
+    warnings = report_warnings(models, tolerance)
+    chosen = verdict(models, tolerance)
+    payload = json.dumps({"verdict": chosen, "models": models, "notes": notes, "warnings": warnings}, indent=2)
     atomic_write(run_dir / "metrics.json", lambda tmp: tmp.write_text(payload))
-    md = _markdown(models, notes, title, warnings)
+    lines = chosen["text"] if chosen else []
+    md = _markdown(models, notes, title, warnings, lines)
     atomic_write(run_dir / "report.md", lambda tmp: tmp.write_text(md))
-    page = _html(models, notes, title, plots, warnings)
+    page = _html(models, notes, title, plots, warnings, lines)
     atomic_write(run_dir / "report.html", lambda tmp: tmp.write_text(page))
     return run_dir / "report.md"
 
@@ -101,8 +178,9 @@ LEGEND = ("file: the deployable file (ONNX where exported, else safetensors); gz
           "ORT speed-up: ORT b256 throughput against the teacher's; size ratio: file bytes against the teacher's.")
 
 
-def _markdown(models: dict, notes: list[str], title: str, warnings: list[str]) -> str:
-    parts = [f"# {title}", ""] + [f"> **Warning:** {w}\n" for w in warnings] + [markdown_table(models), "", LEGEND, ""]
+def _markdown(models: dict, notes: list[str], title: str, warnings: list[str], verdict_lines: list[str]) -> str:
+    parts = [f"# {title}", ""] + ([f"**Verdict.** {' '.join(verdict_lines)}", ""] if verdict_lines else [])
+    parts += [f"> **Warning:** {w}\n" for w in warnings] + [markdown_table(models), "", LEGEND, ""]
     parts += [f"- {note}" for note in notes] + [""]
     parts += ["## Accuracy against latency and size", "",
               "Filled markers joined by the line are the Pareto front: no other model is both more accurate "
@@ -111,7 +189,8 @@ def _markdown(models: dict, notes: list[str], title: str, warnings: list[str]) -
     return "\n".join(parts)
 
 
-def _html(models: dict, notes: list[str], title: str, plots: dict[str, Path], warnings: list[str]) -> str:
+def _html(models: dict, notes: list[str], title: str, plots: dict[str, Path], warnings: list[str],
+          verdict_lines: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in table_rows(models))
     images = "".join(
@@ -125,6 +204,7 @@ def _html(models: dict, notes: list[str], title: str, plots: dict[str, Path], wa
              "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
+            + (f"<p><b>Verdict.</b> {html.escape(' '.join(verdict_lines))}</p>" if verdict_lines else "")
             + "".join(f"<p style='color:#a00'><b>Warning:</b> {html.escape(w)}</p>" for w in warnings) +
             f"<table><tr>{head}</tr>{body}</table><p>{html.escape(LEGEND)}</p><ul>{items}</ul>{images}"
             "</body></html>")

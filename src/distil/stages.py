@@ -230,7 +230,7 @@ def _report(run: Run) -> None:
                                       "onnx_bytes": ort["bytes"], "latency_ms_b1": ort["ort_latency_ms_b1"],
                                       "throughput_b256": ort["ort_throughput_b256"], "runtime": "onnxruntime"}
     write_report(run.run_dir, with_ratios(models), read_history(run.path("log.jsonl")), report_notes(run),
-                 f"distil report: {run.recipe.name}")
+                 f"distil report: {run.recipe.name}", r.tolerance)
 
 
 def report_notes(run: Run) -> list[str]:
