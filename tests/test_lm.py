@@ -214,3 +214,55 @@ def test_per_token_teacher_logits_are_cached_as_top_k_and_unpacked_per_batch(tmp
     approximate = distiller(Batch(train.x[:4], train.y[:4], index,
                                   teacher_logits={"teacher": small.teacher_logits["teacher"][:4]}))
     assert approximate.loss.isfinite() and not torch.allclose(approximate.loss, online.loss)
+
+
+def test_on_policy_steps_train_on_the_students_own_text_with_the_prompt_masked(tmp_path):
+    from distil import TrainConfig, fit
+    from distil.batches import Batch, Progress
+    from distil.distiller import Distiller
+    from distil.losses import JSD
+    from distil.losses.token import jsd_loss
+    from distil.onpolicy import OnPolicyDistiller
+
+    splits = load_splits("textfolder", {"path": str(write_corpus(tmp_path / "t")), "block": 12})
+    torch.manual_seed(0)
+    teacher = build_model("gpt", (12,), 256, width=16, depth=1, heads=2)
+    student = build_model("gpt", (12,), 256, width=8, depth=1, heads=2)
+    task = OnPolicyDistiller(Distiller(student, teacher, [JSD(beta=0.5)], scoring=BITS_PER_BYTE),
+                             fraction=0.5, prompt=4, seed=3)
+    batch = Batch(splits.train.x[:3], splits.train.y[:3], torch.arange(3))
+    rolled = task.rollout(batch, step=7)
+    assert torch.equal(rolled.inputs[:, :4], batch.inputs[:, :4])  # the prompt is the corpus's
+    assert (rolled.targets == -1).all()  # no ground truth for generated text
+    assert rolled.mask[0].tolist() == [False] * 3 + [True] * 9  # positions 3.. predict the generated tokens
+    assert torch.equal(rolled.inputs, task.rollout(batch, step=7).inputs)  # seeded by the step: resumable
+    steps = [task.on_policy(s) for s in range(200)]
+    assert 70 < sum(steps) < 130 and steps == [task.on_policy(s) for s in range(200)]
+    # the loss of an on-policy step is the divergence on the generated positions only
+    out = task.distiller(rolled, Progress())
+    with torch.no_grad():
+        expected = jsd_loss(student(rolled.inputs), teacher(rolled.inputs), rolled.mask, 1.0, 0.5)
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    before = [p.clone() for p in student.parameters()]
+    result = fit(task, splits.train, splits.val, TrainConfig(epochs=1, batch_size=8, lr=3e-3), device="cpu")
+    assert math.isfinite(result.history[-1]["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    with pytest.raises(Exception, match="longer than the prompt"):
+        OnPolicyDistiller(task.distiller, prompt=12).prepare(batch)
+
+
+def test_on_policy_needs_a_language_model_and_a_prompt_shorter_than_the_blocks(tmp_path, tiny_recipe):
+    from distil.build import load_recipe
+    from distil.errors import RecipeError
+    from distil.pipeline import run_pipeline
+
+    with pytest.raises(RecipeError, match="distill.on_policy: 0.5 makes the student generate text"):
+        run_pipeline(load_recipe({**tiny_recipe, "distill": {"on_policy": 0.5}}), tmp_path / "a")
+    recipe = load_recipe({
+        "name": "lm", "data": {"source": "textfolder", "args": {"path": str(write_corpus(tmp_path / "t")),
+                                                                 "block": 16}},
+        "teacher": {"model": "gpt", "width": 16, "depth": 1, "heads": 2},
+        "student": {"model": "gpt", "width": 16, "depth": 1, "heads": 2},
+        "distill": {"on_policy": 0.5, "prompt_tokens": 16}})
+    with pytest.raises(RecipeError, match=r"distill.prompt_tokens \(16\) must be shorter than the blocks \(16"):
+        run_pipeline(recipe, tmp_path / "b")

@@ -95,6 +95,13 @@ class Run:
 
     def check_models(self) -> None:
         """Fail before any training if a model's output does not fit the data, or a loss term its models."""
+        d = self.recipe.distill
+        if d.on_policy > 0 and self.splits.task != "lm":
+            raise RecipeError(f"distill.on_policy: {d.on_policy} makes the student generate text, which needs a "
+                              "language model on a text source (pycorpus, textfolder); set it to 0 here.")
+        if d.on_policy > 0 and d.prompt_tokens >= self.splits.input_shape[0]:
+            raise RecipeError(f"distill.prompt_tokens ({d.prompt_tokens}) must be shorter than the blocks "
+                              f"({self.splits.input_shape[0]} tokens): the student continues the prompt to the end")
         sample = take(self.splits.train, [0, min(1, len(self.splits.train) - 1)]).x
         if self.augment:
             sample = self.augment(sample, torch.Generator().manual_seed(0))
@@ -209,7 +216,13 @@ class Run:
             for teacher_name, event in distiller.cache_events.items():
                 self.log_event({"stage": name, "event": "teacher_cache", "teacher": teacher_name, **event,
                                 "folder": str(cache.folder) if cache is not None else None})
-        self.fit(distiller, train, section, name, record=record)
+        task = distiller
+        if self.recipe.distill.on_policy > 0:
+            from distil.onpolicy import OnPolicyDistiller
+
+            d = self.recipe.distill
+            task = OnPolicyDistiller(distiller, d.on_policy, d.prompt_tokens, seed=self.recipe.seed)
+        self.fit(task, train, section, name, record=record)
         return distiller
 
     def log_event(self, record: dict) -> None:
