@@ -214,6 +214,9 @@ def test_per_token_teacher_logits_are_cached_as_top_k_and_unpacked_per_batch(tmp
     approximate = distiller(Batch(train.x[:4], train.y[:4], index,
                                   teacher_logits={"teacher": small.teacher_logits["teacher"][:4]}))
     assert approximate.loss.isfinite() and not torch.allclose(approximate.loss, online.loss)
+    other = Distiller(student, teacher, [KD(T=2, weight=1.0)], scoring=BITS_PER_BYTE)  # did not pack them
+    with pytest.raises(DataError, match="hold 9 values per position, the student's vocabulary 256: they are top-k"):
+        other(Batch(train.x[:4], train.y[:4], index, teacher_logits={"teacher": small.teacher_logits["teacher"][:4]}))
 
 
 def test_on_policy_steps_train_on_the_students_own_text_with_the_prompt_masked(tmp_path):
@@ -266,3 +269,30 @@ def test_on_policy_needs_a_language_model_and_a_prompt_shorter_than_the_blocks(t
         "distill": {"on_policy": 0.5, "prompt_tokens": 16}})
     with pytest.raises(RecipeError, match=r"distill.prompt_tokens \(16\) must be shorter than the blocks \(16"):
         run_pipeline(recipe, tmp_path / "b")
+
+
+def test_generation_with_the_key_value_cache_equals_feeding_the_whole_sequence():
+    torch.manual_seed(0)
+    model = build_model("gpt", (16,), 256, width=16, depth=2, heads=2).eval()
+    prompt = torch.randint(0, 256, (3, 5))
+    cached = generate(model, prompt, 12, temperature=0)  # 5 + 12 - 1 = 16 positions: fits, uses the cache
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(12):  # the plain way: the whole sequence each time
+            tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, tokens)
+    logits, cache = model.step(prompt)
+    assert torch.allclose(logits, model(prompt)[:, -1], atol=1e-5) and cache[0][0].shape == (3, 2, 5, 8)
+
+
+@pytest.mark.slow
+def test_the_llm_experiment_writes_its_table(tmp_path):
+    from distil.experiments import EXPERIMENTS
+
+    page = EXPERIMENTS["llm"](seeds=1, quick=True, out=tmp_path / "llm.md", log=lambda line: None).read_text()
+    assert "`distil experiment llm --seeds 1 --quick`" in page
+    rows = [line for line in page.splitlines() if line.startswith("| ") and "bits/byte |" not in line]
+    names = [row.split(" | ")[0].strip("| ") for row in rows]
+    assert names == ["teacher", "baseline (CE only)", "forward KL (kd, T=1)", "reverse KL (rkl, T=1)",
+                     "JSD(0.5) (jsd)", "JSD(0.5), on-policy 50%"]
+    assert all(0 < float(row.split(" | ")[1].split(" +- ")[0]) < 8.5 for row in rows)

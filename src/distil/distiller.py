@@ -243,6 +243,12 @@ class Distiller(nn.Module):
                 logits = batch.teacher_logits[name]
                 if name in self._packed:  # per-token top-k, stored packed: (B, T, 2k+1) -> (B, T, V)
                     logits = top_k_unpack(logits, self._packed[name])
+                elif logits.dim() == 3 and logits.shape[-1] != outputs[STUDENT].logits.shape[-1]:
+                    raise DataError(
+                        f"the cached logits of teacher '{name}' hold {logits.shape[-1]} values per position, the "
+                        f"student's vocabulary {outputs[STUDENT].logits.shape[-1]}: they are top-k logits packed by "
+                        "another Distiller's with_teacher_logits. Call with_teacher_logits on this Distiller (with a "
+                        "TeacherCache the logits are read back, not recomputed).")
                 outputs[name] = Outputs(logits)
                 continue
             with torch.no_grad(), taps:
