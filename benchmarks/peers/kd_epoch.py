@@ -245,6 +245,9 @@ def report(args, device, splits, train, teacher, cache_seconds, times, outputs) 
     print(f"same batches, same start: max |student weight difference| after the epoch, torchdistill batched vs "
           f"distil online {max_difference(outputs['td_batched'][0], outputs['distil_online'][0]):.1e}, "
           f"per-sample vs batched {max_difference(outputs['td_sample'][0], outputs['td_batched'][0]):.1e}")
+    paired = [a / b for a, b in zip(times["distil_online"], times["td_batched"])]  # same round, same load
+    print(f"round by round, distil online / torchdistill batched: median {statistics.median(paired):.2f}, "
+          f"min-max {min(paired):.2f}-{max(paired):.2f} over {len(paired)} rounds")
     base = median["td_batched"]
     print(f"against torchdistill's per-sample loader: online {median['distil_online'] / median['td_sample']:.2f}, "
           f"cached {median['distil_cached'] / median['td_sample']:.2f}; distil cached / torchdistill logits from "
