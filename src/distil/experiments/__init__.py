@@ -5,14 +5,17 @@ page: docs/methods.md for `methods`, docs/experiments/NAME.md (and NAME.png besi
 the claims of Hinton et al. (2015) and after (see docs/experiments/).
 """
 
+from distil.experiments.capacity_gap import run_capacity_gap
 from distil.experiments.few_data import run_few_data
 from distil.experiments.methods import run_methods
 from distil.experiments.omitted_class import run_omitted_class
 from distil.experiments.soft_vs_smoothing import run_soft_vs_smoothing
 from distil.experiments.temperature import run_temperature
+from distil.experiments.transfer_size import run_transfer_size
 
 EXPERIMENTS = {"methods": run_methods, "temperature": run_temperature, "omitted-class": run_omitted_class,
-               "few-data": run_few_data, "soft-vs-smoothing": run_soft_vs_smoothing}
+               "few-data": run_few_data, "soft-vs-smoothing": run_soft_vs_smoothing,
+               "transfer-size": run_transfer_size, "capacity-gap": run_capacity_gap}
 
-__all__ = ["EXPERIMENTS", "run_few_data", "run_methods", "run_omitted_class", "run_soft_vs_smoothing",
-           "run_temperature"]
+__all__ = ["EXPERIMENTS", "run_capacity_gap", "run_few_data", "run_methods", "run_omitted_class",
+           "run_soft_vs_smoothing", "run_temperature", "run_transfer_size"]

@@ -9,7 +9,6 @@ one thread, over a minute on two while other jobs ran).
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -111,6 +110,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def columns(rows: list[list[float]]) -> tuple[list[float], list[float]]:
+    """Per-column means and standard deviations of (seeds, points) values: what a plot's error bars show."""
+    pairs = [mean_std(list(column)) for column in zip(*rows)]
+    return [m for m, _ in pairs], [s for _, s in pairs]
+
+
 def cell(values: list[float], digits: int = 3) -> str:
     """'mean +- std' as the tables show it."""
     mean, std = mean_std(values)
@@ -185,8 +190,5 @@ def figure(panels: int, width: float = 4.6, height: float = 3.6) -> tuple[plt.Fi
 
 def log_ticks(values: list[float]) -> list[str]:
     """Tick labels for a log axis that shows the measured values themselves."""
-    return [f"{v:g}" if v < 1000 else f"{v / 1000:g}k" for v in values]
+    return [f"{v:g}" if v < 1000 else f"{v / 1000:.3g}k" for v in values]
 
-
-def finite(values: list[float]) -> bool:
-    return all(math.isfinite(v) for v in values)

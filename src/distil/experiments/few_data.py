@@ -24,6 +24,7 @@ from distil.experiments.common import (
     Log,
     Page,
     cell,
+    columns,
     figure,
     mean_std,
     mnist1d,
@@ -125,8 +126,8 @@ def findings(runs: list[dict]) -> list[str]:
 def plot(runs: list[dict]):
     fig, (few, bars) = figure(2)
     for arm, color in (("hard, 3%", "#d62728"), ("soft, 3%", "#1f77b4")):
-        train = torch.tensor([r["curves"][arm][0] for r in runs]).mean(0)
-        test = torch.tensor([r["curves"][arm][1] for r in runs]).mean(0)
+        train = columns([r["curves"][arm][0] for r in runs])[0]
+        test = columns([r["curves"][arm][1] for r in runs])[0]
         epochs = range(1, len(train) + 1)
         few.plot(epochs, train, color=color, ls="--", label=f"{arm}: train")
         few.plot(epochs, test, color=color, label=f"{arm}: test")

@@ -29,6 +29,7 @@ from distil.experiments.common import (
     Log,
     Page,
     cell,
+    columns,
     figure,
     mean_std,
     mnist1d,
@@ -145,14 +146,13 @@ def run_omitted_class(seeds: int = 3, quick: bool = False, out: Path = Path("doc
 def plot(runs: list[dict]):
     fig, (bars, curve) = figure(2)
     names = list(ROWS)[1:]
-    values = torch.tensor([[r[n][1] for n in names] for r in runs])  # (seeds, models)
-    std = values.std(0) if len(runs) > 1 else torch.zeros(len(names))
-    bars.bar(range(len(names)), values.mean(0), yerr=std, capsize=3,
+    means, stds = columns([[r[n][1] for n in names] for r in runs])
+    bars.bar(range(len(names)), means, yerr=stds, capsize=3,
              color=["#999999", "#bbbbbb", "#1f77b4", "#6baed6", "#2ca02c"])
     bars.set_xticks(range(len(names)), [n.replace(" + ", "\n+ ").replace(", ", ",\n") for n in names], fontsize=7)
     bars.set(ylabel="accuracy on the test 3s", ylim=(0, 1), title="Class 3, never in the student's data")
     for name, color in (("hard labels", "#999999"), ("distilled", "#1f77b4")):
-        accs = torch.tensor([r["curves"][name] for r in runs]).mean(0)
+        accs = columns([r["curves"][name] for r in runs])[0]
         curve.plot(DELTAS, accs, color=color, label=name)
     curve.set(xlabel="raise of class 3's output bias", ylabel="validation accuracy (all classes)",
               title="Choosing the bias raise")

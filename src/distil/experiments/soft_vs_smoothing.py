@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from distil.errors import ConfigError
 from distil.evaluate import accuracy, predict_logits
 from distil.experiments.common import (
     QUICK_STUDENT_CFG,
@@ -25,6 +26,7 @@ from distil.experiments.common import (
     Log,
     Page,
     cell,
+    columns,
     figure,
     mean_entropy,
     mean_std,
@@ -54,7 +56,7 @@ def smoothing_for_entropy(entropy: float, num_classes: int, tolerance: float = 1
     """The smoothing epsilon in [0, 1) whose target distribution has `entropy` nats (bisection: the entropy grows
     with epsilon, from 0 at eps = 0 to ln K at eps = 1)."""
     if not 0 <= entropy < math.log(num_classes):
-        raise ValueError(f"an entropy of {entropy} nats cannot be reached by label smoothing over {num_classes} "
+        raise ConfigError(f"an entropy of {entropy} nats cannot be reached by label smoothing over {num_classes} "
                          f"classes: it must lie in [0, ln {num_classes} = {math.log(num_classes):.4f}).")
     low, high = 0.0, 1.0
     while high - low > tolerance:
@@ -137,10 +139,9 @@ def plot(runs: list[dict], temperatures: list[int]):
     fig, (bars, shape) = figure(2)
     width = 0.8 / len(ARMS)
     for i, (arm, color) in enumerate(zip(ARMS, ("#ff7f0e", "#9467bd", "#1f77b4"))):
-        values = torch.tensor([[r[T][arm] for T in temperatures] for r in runs])  # (seeds, T)
-        std = values.std(0) if len(runs) > 1 else torch.zeros(len(temperatures))
+        means, stds = columns([[r[T][arm] for T in temperatures] for r in runs])
         where = [j + (i - 1) * width for j in range(len(temperatures))]
-        bars.bar(where, values.mean(0), width=width, yerr=std, capsize=2, label=arm, color=color)
+        bars.bar(where, means, width=width, yerr=stds, capsize=2, label=arm, color=color)
     bars.axhline(mean_std([r["baseline"] for r in runs])[0], color="grey", ls="--", label="hard labels")
     bars.set_xticks(range(len(temperatures)), [f"T = {T}" for T in temperatures])
     bars.set(ylabel="student test accuracy", title="Same entropy, different targets")
@@ -148,13 +149,14 @@ def plot(runs: list[dict], temperatures: list[int]):
     bars.set_ylim(max(0.0, low - 0.1), None)
     bars.legend(fontsize=7, loc="lower right")
     T = 4 if 4 in temperatures else temperatures[0]
-    profile = torch.tensor([r[T]["profile"] for r in runs]).mean(0)
+    profile = columns([r[T]["profile"] for r in runs])[0]
     epsilon = mean_std([r[T]["epsilon"] for r in runs])[0]
     classes = len(profile)
     smoothed = [1 - epsilon + epsilon / classes] + [epsilon / classes] * (classes - 1)
-    ranks = torch.arange(1, classes + 1)
-    shape.bar(ranks - 0.2, profile, width=0.4, label=f"teacher at T = {T} (mean, sorted)", color="#1f77b4")
-    shape.bar(ranks + 0.2, smoothed, width=0.4, label=f"label smoothing, eps {epsilon:.2f}", color="#ff7f0e")
+    ranks = list(range(1, classes + 1))
+    shape.bar([k - 0.2 for k in ranks], profile, width=0.4, label=f"teacher at T = {T} (mean, sorted)", color="#1f77b4")
+    shape.bar([k + 0.2 for k in ranks], smoothed, width=0.4, label=f"label smoothing, eps {epsilon:.2f}",
+              color="#ff7f0e")
     shape.set(xlabel="class rank in the target", ylabel="probability", yscale="log",
               title="Target distributions of equal mean entropy")
     shape.set_xticks(ranks)

@@ -23,6 +23,7 @@ from distil.experiments.common import (
     Log,
     Page,
     cell,
+    columns,
     errors,
     figure,
     mean_entropy,
@@ -113,14 +114,13 @@ def findings(runs: list[dict], temperatures: list[int], best: tuple[int, float])
 def plot(runs: list[dict], temperatures: list[int]):
     fig, (acc, ent, bars) = figure(3)
     for alpha in ALPHAS:
-        values = torch.tensor([[r[(T, alpha)] for T in temperatures] for r in runs])  # (seeds, T)
-        std = values.std(0) if len(runs) > 1 else torch.zeros(len(temperatures))
-        acc.errorbar(temperatures, values.mean(0), yerr=std, marker="o", capsize=3, label=f"alpha {alpha}")
+        means, stds = columns([[r[(T, alpha)] for T in temperatures] for r in runs])
+        acc.errorbar(temperatures, means, yerr=stds, marker="o", capsize=3, label=f"alpha {alpha}")
     acc.axhline(sum(r["baseline"] for r in runs) / len(runs), color="grey", ls="--", label="hard labels only")
     acc.set(xscale="log", xlabel="temperature T", ylabel="student test accuracy", title="Student accuracy")
     acc.set_xticks(temperatures, [str(T) for T in temperatures])
     acc.legend(fontsize=8)
-    entropy = torch.tensor([r["entropy"] for r in runs]).mean(0)
+    entropy = columns([r["entropy"] for r in runs])[0]
     ent.plot(CURVE, entropy, marker=".")
     ent.axhline(math.log(10), color="grey", ls=":", label="uniform (ln 10)")
     ent.set(xscale="log", xlabel="temperature T", ylabel="mean entropy (nats)", title="Teacher's soft targets")
@@ -130,7 +130,7 @@ def plot(runs: list[dict], temperatures: list[int]):
     index = int((logits.argmax(1) == labels).nonzero()[0, 0])  # the first test signal the teacher gets right
     classes = torch.arange(logits.shape[1])
     for shift, T in ((-0.2, 1), (0.2, 4)):
-        bars.bar(classes + shift, soft_targets(logits[index], T), width=0.4, label=f"T = {T}")
+        bars.bar((classes + shift).tolist(), soft_targets(logits[index], T).tolist(), width=0.4, label=f"T = {T}")
     bars.set(xlabel="class", ylabel="probability", yscale="log", ylim=(1e-4, 1.5),
              title=f"One test signal (class {int(labels[index])}), seed 0")
     bars.set_xticks(classes)
