@@ -139,8 +139,19 @@ def run_omitted_class(seeds: int = 3, quick: bool = False, out: Path = Path("doc
              f"raise, {mean('hard labels + bias', 1):.1%}.",
              f"- Distilled without 3s: {mean('distilled', 1):.1%} of the test 3s right before the bias raise, "
              f"{mean('distilled + bias', 1):.1%} after it (with the 3s kept: {mean('distilled, 3s kept', 1):.1%}). "
-             f"Overall accuracy {mean('distilled', 0):.3f} -> {mean('distilled + bias', 0):.3f}.", "")
+             f"Overall accuracy {mean('distilled', 0):.3f} -> {mean('distilled + bias', 0):.3f}.",
+             verdict(mean), "")
     return page.write(out, plot(runs))
+
+
+def verdict(mean) -> str:
+    """One line: does soft-target knowledge of the omitted class show, and how far is it from the paper's?"""
+    soft, hard = mean("distilled + bias", 1), mean("hard labels + bias", 1)
+    holds = "holds in kind" if soft > hard + 0.05 else "does not show here"
+    return (f"- The claim {holds}: with its bias corrected, the student taught by soft targets on other classes' "
+            f"signals names {soft:.0%} of the 3s it never saw, the hard-label student {hard:.0%}. The paper's "
+            f"student named 98.6% of them; this MLP gets only {mean('distilled, 3s kept', 0):.0%} of MNIST-1D right "
+            "even when it sees every class.")
 
 
 def plot(runs: list[dict]):
