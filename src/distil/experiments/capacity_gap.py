@@ -96,10 +96,22 @@ def findings(runs: list[dict], widths: list[int]) -> list[str]:
                                                f"; the largest, width {largest}, gives {mean(largest, 'direct'):.3f} "
                                                f"(teacher {mean(largest, 'teacher'):.3f}).")]
     helped = [w for w in widths if "assistant" in runs[0][w]]
-    if helped:
-        lines.append("- Through the assistant: " + "; ".join(
-            f"width {w} {mean(w, 'via assistant'):.3f} ({(mean(w, 'via assistant') - mean(w, 'direct')) * 100:+.1f} "
-            "points against direct)" for w in helped) + ".")
+    if not helped:
+        return lines
+    lines.append("- Through the assistant: " + "; ".join(
+        f"width {w} {mean(w, 'via assistant'):.3f} ({(mean(w, 'via assistant') - mean(w, 'direct')) * 100:+.1f} "
+        "points against direct)" for w in helped) + ".")
+    noise = max(mean_std([r[w][k] for r in runs])[1] for w in helped for k in ("direct", "via assistant"))
+    direct = [mean(w, "direct") for w in helped]
+    gap = max(direct) - mean(largest, "direct")
+    assistant_effect = max(abs(mean(w, "via assistant") - mean(w, "direct")) for w in helped)
+    verdict = ("No capacity gap shows at this scale: the largest teacher teaches as well as any." if gap <= noise
+               else f"The largest teacher teaches {gap * 100:.1f} points worse than the best.")
+    if assistant_effect <= noise:
+        verdict += " The assistant's effect stays within the noise."
+    lines.append(f"- Across the teachers wider than the assistant, the student's accuracy spans "
+                 f"{(max(direct) - min(direct)) * 100:.1f} points, and the seeds' standard deviations reach "
+                 f"{noise * 100:.1f}. {verdict}")
     return lines
 
 

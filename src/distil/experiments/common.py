@@ -3,7 +3,7 @@
 
 The pair is the demo's, made cheaper: a 1-D CNN teacher (width 32, 11k parameters, ~97% test accuracy) and the
 demo's 5k-parameter MLP student (~62% on labels alone). Every experiment runs on one CPU thread: these models are
-small, and on a shared machine one thread is several times faster than two (measured: a 15-epoch teacher in 3 s on
+small, and on a shared machine one thread is many times faster than two (measured: a 10-epoch teacher in 2 s on
 one thread, over a minute on two while other jobs ran).
 """
 

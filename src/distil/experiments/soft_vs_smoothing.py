@@ -131,8 +131,22 @@ def run_soft_vs_smoothing(seeds: int = 3, quick: bool = False,
         soft, smooth, shuffled = (mean(T, arm) for arm in ("soft targets", "label smoothing", "shuffled soft targets"))
         page.add(f"- T = {T}: soft targets {soft:.3f}, label smoothing {smooth:.3f} ({(soft - smooth) * 100:+.1f} "
                  f"points for soft targets), shuffled soft targets {shuffled:.3f}; hard labels {base:.3f}.")
-    page.add("")
+    page.add(summary(runs, temperatures), "")
     return page.write(out, plot(runs, temperatures))
+
+
+def summary(runs: list[dict], temperatures: list[int]) -> str:
+    """One line over every T: soft targets against label smoothing, against shuffled targets, against hard labels."""
+    mean = lambda key, T=None: mean_std([r[key] if T is None else r[T][key] for r in runs])[0]  # noqa: E731
+    over_smoothing = [mean("soft targets", T) - mean("label smoothing", T) for T in temperatures]
+    over_shuffled = [mean("soft targets", T) - mean("shuffled soft targets", T) for T in temperatures]
+    over_hard = [mean("soft targets", T) - mean("baseline") for T in temperatures]
+    stds = [mean_std([r[T][arm] for r in runs])[1] for T in temperatures for arm in ARMS]
+    span = lambda gains: f"{min(gains) * 100:+.1f} to {max(gains) * 100:+.1f} points"  # noqa: E731
+    return (f"- Over every T, soft targets against label smoothing of the same entropy: {span(over_smoothing)}; "
+            f"against the same targets with their wrong-class mass shuffled: {span(over_shuffled)}; against hard "
+            f"labels alone: {span(over_hard)}. The seeds' standard deviations in the table reach "
+            f"{max(stds) * 100:.1f} points: read smaller differences as noise.")
 
 
 def plot(runs: list[dict], temperatures: list[int]):
@@ -146,8 +160,9 @@ def plot(runs: list[dict], temperatures: list[int]):
     bars.set_xticks(range(len(temperatures)), [f"T = {T}" for T in temperatures])
     bars.set(ylabel="student test accuracy", title="Same entropy, different targets")
     low = min(min(r[T][a] for T in temperatures for a in ARMS) for r in runs)
-    bars.set_ylim(max(0.0, low - 0.1), None)
-    bars.legend(fontsize=7, loc="lower right")
+    high = max(max(r[T][a] for T in temperatures for a in ARMS) for r in runs)
+    bars.set_ylim(max(0.0, low - 0.05), high + 0.05)  # room for the legend above the bars
+    bars.legend(fontsize=7, loc="upper center", ncol=2)
     T = 4 if 4 in temperatures else temperatures[0]
     profile = columns([r[T]["profile"] for r in runs])[0]
     epsilon = mean_std([r[T]["epsilon"] for r in runs])[0]
@@ -157,7 +172,7 @@ def plot(runs: list[dict], temperatures: list[int]):
     shape.bar([k - 0.2 for k in ranks], profile, width=0.4, label=f"teacher at T = {T} (mean, sorted)", color="#1f77b4")
     shape.bar([k + 0.2 for k in ranks], smoothed, width=0.4, label=f"label smoothing, eps {epsilon:.2f}",
               color="#ff7f0e")
-    shape.set(xlabel="class rank in the target", ylabel="probability", yscale="log",
+    shape.set(xlabel="class rank in the target", ylabel="probability",
               title="Target distributions of equal mean entropy")
     shape.set_xticks(ranks)
     shape.legend(fontsize=7)
