@@ -109,8 +109,8 @@ def findings(runs: list[dict], temperatures: list[int], best: tuple[int, float])
     trend = "falls" if soft[temperatures[-1]] < soft[1] else "rises"
     lines.append(f"- With soft targets alone (alpha 1.0), accuracy {trend} from {soft[1]:.3f} at T = 1 to "
                  f"{soft[temperatures[-1]]:.3f} at T = {temperatures[-1]}"
-                 + (": for this 100-unit student, softer targets teach less, below even the paper's 2.5 to 4 for "
-                    "small students." if trend == "falls" else "."))
+                 + (": for this 100-unit student softer targets teach less, and the best T lies below even the "
+                    "paper's 2.5 to 4 for small students." if trend == "falls" else "."))
     low, high = mean_entropy_at(runs, 1), mean_entropy_at(runs, temperatures[-1])
     lines.append(f"- The teacher's targets soften as T grows: mean entropy {low:.2f} nats at T = 1, {high:.2f} at "
                  f"T = {temperatures[-1]} (uniform over 10 classes: {math.log(10):.2f}).")
