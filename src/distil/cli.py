@@ -252,19 +252,22 @@ def _print_table(models: dict[str, dict], task: str = "classify") -> None:
 
 
 @app.command()
-def experiment(name: str = typer.Argument(..., help="methods"),
+def experiment(name: str = typer.Argument(..., help="methods | temperature | omitted-class | few-data | "
+                                                   "soft-vs-smoothing | transfer-size | capacity-gap"),
                seeds: int = typer.Option(3, min=1, help="Seeds to average over."),
                quick: bool = typer.Option(False, "--quick", help="Fewer epochs and a smaller transfer set: minutes."),
-               out: Path = typer.Option(None, "--out", help="Markdown page to write; default docs/<name>.md.")) -> None:
-    """Run a research experiment and write its page (a table, the command, the settings)."""
+               out: Path = typer.Option(None, "--out", help="Markdown page to write (its plot goes beside it); "
+                                        "default docs/methods.md, docs/llm.md, docs/experiments/<name>.md for the others.")) -> None:
+    """Run a research experiment and write its page (a table, the command, the settings, a plot)."""
     from distil.errors import did_you_mean
     from distil.experiments import EXPERIMENTS
 
     if name not in EXPERIMENTS:
         _fail(DistilError(f"unknown experiment '{name}'." + did_you_mean(name, EXPERIMENTS)))
+    where = {} if out is None else {"out": out}  # each experiment knows its own page
     try:
-        path = EXPERIMENTS[name](seeds=seeds, quick=quick, out=out or Path("docs") / f"{name}.md",
-                                 log=lambda line: console.print(line, highlight=False))
+        path = EXPERIMENTS[name](seeds=seeds, quick=quick, log=lambda line: console.print(line, highlight=False),
+                                 **where)
     except DistilError as err:
         _fail(err)
     console.print(f"wrote: {path}")
