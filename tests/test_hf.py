@@ -42,7 +42,9 @@ def byte_split(n_blocks: int = 32) -> Split:
 def test_an_hf_model_maps_tokens_to_logits_and_keeps_its_module_names(tmp_path):
     model = build_model(tiny_gpt2(tmp_path / "m", layers=2), (BLOCK,), 256).eval()
     tokens = torch.randint(0, 256, (2, BLOCK))
-    logits = model(tokens)
+    with torch.no_grad():
+        logits = model(tokens)
+        assert torch.allclose(logits, model.model(tokens).logits, atol=1e-6)  # the Hugging Face model's own
     assert isinstance(logits, torch.Tensor) and logits.shape == (2, BLOCK, 256) and logits.dtype == torch.float32
     names = dict(model.named_modules())
     assert "model.transformer.h.0" in names and "model.transformer.h.1" in names
@@ -108,9 +110,21 @@ def test_an_hf_model_round_trips_through_safetensors(tmp_path):
     assert other.model.lm_head.weight is other.model.transformer.wte.weight  # still tied after a strict load
 
 
+def test_an_hf_student_exports_to_onnx_with_a_dynamic_sequence_axis(tmp_path):
+    from distil.export import export_onnx, run_onnx, session
+
+    model = build_model(tiny_gpt2(tmp_path / "m"), (BLOCK,), 256).eval()
+    assert export_onnx(model, torch.randint(0, 256, (2, BLOCK)), tmp_path / "m.onnx") <= 1e-4
+    shorter = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        expected = model(shorter).numpy()
+    assert np.abs(run_onnx(session(tmp_path / "m.onnx"), shorter.numpy()) - expected).max() < 1e-4
+
+
 @pytest.mark.slow
 def test_the_pipeline_distils_an_hf_teacher_into_an_hf_student(tmp_path):
-    """teacher, baseline and student on a tiny text folder; the report stage rebuilds each from its hf: spec."""
+    """teacher, baseline and student on a tiny text folder; the report stage rebuilds each from its hf: spec, and the
+    student exports to ONNX (fp32 and dynamic int8)."""
     from distil.build import load_recipe
     from distil.pipeline import run_pipeline
 
@@ -124,8 +138,11 @@ def test_the_pipeline_distils_an_hf_teacher_into_an_hf_student(tmp_path):
                                    "val_fraction": 0.2, "test_fraction": 0.2},
         "teacher": {"model": tiny_gpt2(tmp_path / "t", layers=2, width=32), **small},
         "student": {"model": tiny_gpt2(tmp_path / "s", layers=1, width=16), **small},
-        "distill": {"terms": [{"kind": "kd", "T": 1.0, "weight": 0.5}, {"kind": "ce", "weight": 0.5}]}})
+        "distill": {"terms": [{"kind": "kd", "T": 1.0, "weight": 0.5}, {"kind": "ce", "weight": 0.5}]},
+        "export": {"enabled": True}})
     run_pipeline(recipe, tmp_path / "run")
     models = json.loads((tmp_path / "run" / "metrics.json").read_text())["models"]
-    assert {"teacher", "baseline", "student"} <= set(models)
-    assert all(0 < models[m]["bpb"] < 9 for m in ("teacher", "baseline", "student"))
+    assert set(models) == {"teacher", "baseline", "student", "student (onnx)", "student-int8"}
+    assert all(0 < m["bpb"] < 9 for m in models.values())
+    assert abs(models["student (onnx)"]["bpb"] - models["student"]["bpb"]) < 1e-3  # the same model, exported
+    assert "## Samples" in (tmp_path / "run" / "report.md").read_text()

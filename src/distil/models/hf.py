@@ -38,7 +38,10 @@ class HFCausalLM(nn.Module):
         if self.block is not None and T > self.block:
             raise ModelError(f"hf: a sequence of {T} tokens is longer than the model's context ({self.block}); "
                              "use a smaller data.args.block")
-        return self.model(input_ids=tokens, use_cache=False).logits  # (B, T, V)
+        # an explicit all-ones mask (no padding: every block is full) spares transformers its packed-sequence
+        # detection (torch.diff on positions), which the ONNX exporter cannot trace
+        mask = torch.ones_like(tokens)
+        return self.model(input_ids=tokens, attention_mask=mask, use_cache=False).logits  # (B, T, V)
 
 
 def hf_factory(path: str) -> Callable[..., nn.Module]:
