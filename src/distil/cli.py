@@ -253,11 +253,12 @@ def _print_table(models: dict[str, dict], task: str = "classify") -> None:
 
 @app.command()
 def experiment(name: str = typer.Argument(..., help="methods | temperature | omitted-class | few-data | "
-                                                   "soft-vs-smoothing | transfer-size | capacity-gap"),
+                                                   "soft-vs-smoothing | transfer-size | capacity-gap | llm"),
                seeds: int = typer.Option(3, min=1, help="Seeds to average over."),
                quick: bool = typer.Option(False, "--quick", help="Fewer epochs and a smaller transfer set: minutes."),
                out: Path = typer.Option(None, "--out", help="Markdown page to write (its plot goes beside it); "
-                                        "default docs/methods.md, docs/llm.md, docs/experiments/<name>.md for the others.")) -> None:
+                                        "default docs/methods.md, docs/llm.md, docs/experiments/<name>.md for the "
+                                        "others.")) -> None:
     """Run a research experiment and write its page (a table, the command, the settings, a plot)."""
     from distil.errors import did_you_mean
     from distil.experiments import EXPERIMENTS

@@ -1,8 +1,8 @@
 """Research experiments run by `distil experiment NAME`; each writes a markdown page with its table and the command.
 
 `EXPERIMENTS` maps a name to a function `(seeds, quick, out, log) -> Path`; `out` defaults to the experiment's
-page: docs/methods.md for `methods`, docs/llm.md for `llm`, docs/experiments/NAME.md (and NAME.png beside it) for the others, which test
-the claims of Hinton et al. (2015) and after (see docs/experiments/).
+page: docs/methods.md for `methods`, docs/llm.md for `llm`, docs/experiments/NAME.md (and NAME.png beside it)
+for the others, which test the claims of Hinton et al. (2015) and after (see docs/experiments/).
 """
 
 from distil.experiments.capacity_gap import run_capacity_gap

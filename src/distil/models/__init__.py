@@ -1,4 +1,5 @@
-"""Building models from names: our zoo, the user's `package.module:factory`, or timm/torchvision when installed."""
+"""Building models from names: our zoo, the user's `package.module:factory`, timm/torchvision when installed, or a
+local Hugging Face causal language model (`hf:/path/to/model`, with transformers installed)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ from collections.abc import Callable
 from torch import nn
 
 from distil.errors import ModelError, did_you_mean
+from distil.models.hf import hf_factory
 from distil.models.zoo import MODELS
 
 __all__ = ["MODELS", "build_model", "count_params", "resolve_factory"]
 
 
 def resolve_factory(name: str) -> Callable[..., nn.Module]:
-    """A zoo name, `package.module:factory`, `timm:NAME` or `torchvision:NAME` -> a callable."""
+    """A zoo name, `package.module:factory`, `timm:NAME`, `torchvision:NAME` or `hf:PATH` -> a callable."""
     if name in MODELS:
         return MODELS[name]
+    if name.startswith("hf:"):
+        return hf_factory(name[len("hf:"):])
     if name.startswith(("timm:", "torchvision:")):
         return _hub_factory(*name.split(":", 1))
     if ":" in name:
