@@ -201,7 +201,7 @@ def test_per_token_teacher_logits_are_cached_as_top_k_and_unpacked_per_batch(tmp
     train = splits.train
     assert distiller.with_teacher_logits(train) is train  # nothing precomputed
     assert distiller.cache_events["teacher"]["status"] == "online"
-    assert "set distill.top_k" in distiller.cache_events["teacher"]["reason"]
+    assert "distill.top_k would store" in distiller.cache_events["teacher"]["reason"]
     packed = distiller.with_teacher_logits(train, cache=TeacherCache(tmp_path / "cache"), top_k=256)
     assert packed.teacher_logits["teacher"].shape == (len(train), 8, 2 * 256 + 1)
     index = torch.arange(4)

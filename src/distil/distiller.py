@@ -275,8 +275,8 @@ class Distiller(nn.Module):
             if len(shape) == 2 and top_k is None:  # per-token logits: N * T * V floats, e.g. 2 GB for 2 MB of text
                 self.cache_events[name] = {"status": "online", "top_k": None, "reason": (
                     f"per-token logits of {len(split):,} x {shape[0]} x {shape[1]} floats "
-                    f"({len(split) * shape[0] * shape[1] * 4 / 2**30:.1f} GiB) are not precomputed; set "
-                    "distill.top_k (e.g. 8) to store each token's top k")}
+                    f"({len(split) * shape[0] * shape[1] * 4 / 2**30:.1f} GiB) are not precomputed; "
+                    "distill.top_k would store each token's k likeliest, an approximation of the targets")}
                 continue
             pack = (lambda logits: logits) if top_k is None else (lambda logits: top_k_pack(logits, top_k))
 

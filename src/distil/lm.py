@@ -2,7 +2,7 @@
 
 Bits per byte: the next-token cross-entropy in bits, averaged over every byte of the test split (byte-level
 tokens: one token is one byte). Speed: scoring, tokens/s of a forward pass over a batch of 32 full blocks;
-generation, new tokens/s at batch 1, feeding each sampled token back (no key-value cache, as in nanoGPT).
+generation, new tokens/s at batch 1, feeding each sampled token back (with our gpt's key-value cache).
 """
 
 from __future__ import annotations
@@ -160,8 +160,8 @@ def report_lm(run, names: list[str]) -> Path:
              "baseline: the student architecture trained on the next bytes alone (CE), with the same optimiser "
              "steps as the distilled student",
              f"speed: PyTorch, {torch.get_num_threads()} thread(s); scoring = one forward pass over 32 blocks of "
-             f"{block}; generation = new tokens at batch 1 without a key-value cache (onnxruntime: greedy, "
-             "the same thread count)"]
+             f"{block}; generation = new tokens at batch 1, with a key-value cache in PyTorch (our gpt), without "
+             "one on onnxruntime (the whole sequence each token, greedy, the same thread count)"]
     if run.path("export.json").exists():
         for name, info in json.loads(run.path("export.json").read_text()).items():
             if "quantization" in info:
