@@ -10,7 +10,7 @@ from distil import CE, KD, ClassificationTask, Distiller, TrainConfig, fit
 from distil.checkpoint import load_tensors, save_tensors
 from distil.device import check_precision, grad_scaler, resolve_device
 from distil.errors import ConfigError, NonFiniteLossError
-from distil.evaluate import accuracy
+from distil.evaluate import accuracy, model_device, predict_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -192,3 +192,23 @@ def test_compile_trains_and_keeps_the_state_dict_keys():
     fit(ClassificationTask(model), blob_split(), None, TrainConfig(epochs=3, batch_size=32, lr=0.02), compile=True)
     assert list(model.state_dict()) == keys  # checkpoints stay loadable without torch.compile
     assert accuracy(model, blob_split(300, seed=2)) > 0.85
+
+
+
+def test_model_device_reads_parameters_then_buffers_then_the_default():
+    assert model_device(nn.Linear(2, 2).to("meta")) == torch.device("meta")
+    buffers_only = nn.BatchNorm1d(3, affine=False).to("meta")
+    assert model_device(buffers_only) == torch.device("meta")
+    assert model_device(nn.ReLU(), torch.device("meta")) == torch.device("meta")
+    assert model_device(nn.ReLU()) == torch.device("cpu")
+
+
+@pytest.mark.cuda
+def test_a_model_left_on_the_gpu_by_fit_is_evaluated_on_cpu_data():
+    model = mlp(0)
+    fit(ClassificationTask(model), blob_split(), None, TrainConfig(epochs=3, batch_size=32, lr=0.02), device="cuda")
+    assert model_device(model).type == "cuda"
+    test = blob_split(300, seed=2)
+    logits = predict_logits(model, test.x, batch_size=64)
+    assert logits.device.type == "cpu" and logits.shape == (300, 3)
+    assert accuracy(model, test) > 0.85

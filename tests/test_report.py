@@ -1,7 +1,10 @@
 """The report's verdict (which model to ship) and its warnings (what a reader must not miss)."""
 
+import time
+
 import pytest
 
+from distil.evaluate import measure_speed
 from distil.report import report_warnings, verdict
 
 
@@ -118,3 +121,27 @@ def test_the_report_and_metrics_open_with_the_verdict(tmp_path):
     assert md[0] == "# distil report: demo" and md[2].startswith("**Verdict.** Ship teacher-pruned-int8,")
     assert "<h1>distil report: demo</h1><p><b>Verdict.</b> Ship teacher-pruned-int8," in \
         (tmp_path / "report.html").read_text()
+
+
+def test_speed_of_a_slow_model_stops_at_the_budget_with_the_least_runs():
+    calls = {"one": 0, "big": 0}
+
+    def forward(x):
+        calls[x] += 1
+        time.sleep(0.02)
+
+    latency, throughput = measure_speed(forward, "one", "big", batch=8, runs=50, repeats=10, min_seconds=0.0,
+                                        budget=0.05)
+    # warm-up: 2 (its budget is a third); latency: 5 (the least, the budget spent); throughput: 1 + 3
+    assert calls == {"one": 2 + 5, "big": 1 + 3}
+    assert 20 <= latency < 40 and 8 / 0.04 < throughput <= 8 / 0.02
+
+
+def test_speed_of_a_fast_model_takes_every_run_asked_for():
+    calls = {"one": 0, "big": 0}
+
+    def forward(x):
+        calls[x] += 1
+
+    measure_speed(forward, "one", "big", batch=8, runs=30, repeats=10, min_seconds=0.0)
+    assert calls == {"one": 10 + 30, "big": 1 + 10}

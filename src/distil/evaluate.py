@@ -4,6 +4,7 @@ for PyTorch modules and for ONNX files on onnxruntime."""
 from __future__ import annotations
 
 import gzip
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -19,10 +20,24 @@ from distil.data import Split
 from distil.models import count_params
 
 
+def model_device(model: nn.Module, default: torch.device | None = None) -> torch.device:
+    """Where `model` lives: its first parameter's (or buffer's) device, else `default` (else the CPU)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return default or torch.device("cpu")
+
+
 @torch.inference_mode()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The model's outputs for `x`, in eval mode, in chunks of `batch_size` run on the model's device.
+
+    Each chunk moves to the model (so a model that `fit` left on a GPU is evaluated there, on CPU data);
+    the result comes back on `x`'s device.
+    """
     model.eval()
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    where = model_device(model, x.device)
+    return torch.cat([model(x[i:i + batch_size].to(where, non_blocking=True)).to(x.device)
+                      for i in range(0, len(x), batch_size)])
 
 
 def accuracy(model: nn.Module, split: Split) -> float:
@@ -65,27 +80,35 @@ def count_macs(model: nn.Module, sample: torch.Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
+def _timed_runs(forward: Callable[[], object], most: int, least: int, budget: float,
+                min_seconds: float = 0.0) -> list[float]:
+    """Seconds of each call of `forward`: at least `least` calls and `min_seconds`, then up to `most`
+    calls while under `budget` seconds in all."""
+    times: list[float] = []
+    begin = time.perf_counter()
+    while True:
+        elapsed = time.perf_counter() - begin
+        if len(times) >= least and elapsed >= min_seconds and (len(times) >= most or elapsed >= budget):
+            return times
+        start = time.perf_counter()
+        forward()
+        times.append(time.perf_counter() - start)
+
+
 def measure_speed(forward: Callable[[object], object], one, big, batch: int, runs: int = 50,
-                  repeats: int = 10, min_seconds: float = 0.25) -> tuple[float, float]:
+                  repeats: int = 10, min_seconds: float = 0.25, budget: float = 3.0) -> tuple[float, float]:
     """(median batch-1 latency in ms over `runs`, median samples/s of `big`), after warm-up.
 
     Throughput takes at least `repeats` runs and at least `min_seconds`, so that tiny models whose
-    batch takes microseconds are not measured on timer noise.
+    batch takes microseconds are not measured on timer noise. A large model (a ResNet whose batch
+    of 256 takes seconds on a CPU) stops each measurement after `budget` seconds, with at least 5
+    latency runs and 3 throughput runs.
     """
-    for _ in range(10):
-        forward(one)
-    latencies = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        forward(one)
-        latencies.append((time.perf_counter() - start) * 1000)
+    _timed_runs(lambda: forward(one), 10, 2, budget / 3)  # warm-up
+    latencies = _timed_runs(lambda: forward(one), runs, min(runs, 5), budget)
     forward(big)
-    speeds, begin = [], time.perf_counter()
-    while len(speeds) < repeats or time.perf_counter() - begin < min_seconds:
-        start = time.perf_counter()
-        forward(big)
-        speeds.append(batch / (time.perf_counter() - start))
-    return statistics.median(latencies), statistics.median(speeds)
+    speeds = _timed_runs(lambda: forward(big), repeats, min(repeats, 3), budget, min_seconds)
+    return statistics.median(latencies) * 1000, batch / statistics.median(speeds)
 
 
 def torch_speed(model: nn.Module, sample: torch.Tensor, runs: int = 50, batch: int = 256) -> tuple[float, float]:
@@ -108,10 +131,13 @@ def file_sizes(path: Path) -> dict:
 
 
 def evaluate_model(model: nn.Module, test: Split, checkpoint: Path, teacher_pred: torch.Tensor | None = None,
-                   latency_runs: int = 50, throughput_batch: int = 256) -> dict:
-    """Metrics of a PyTorch model: classification, size, MACs and PyTorch speed."""
+                   latency_runs: int = 50, throughput_batch: int = 256, device: torch.device | None = None) -> dict:
+    """Metrics of a PyTorch model: classification (its predictions on `device`, default where the model
+    is), size, MACs, and PyTorch speed on the CPU (where an edge model runs)."""
+    logits = predict_logits(model.to(device) if device is not None else model, test.x)
+    model.cpu()
     latency, throughput = torch_speed(model, test.x, latency_runs, throughput_batch)
-    return {**classification_metrics(predict_logits(model, test.x), test.y, teacher_pred),
+    return {**classification_metrics(logits, test.y, teacher_pred),
             "params": count_params(model), "macs": count_macs(model, test.x[:1]), **file_sizes(checkpoint),
             "latency_ms_b1": latency, "throughput_b256": throughput, "runtime": "pytorch",
             "threads": torch.get_num_threads()}

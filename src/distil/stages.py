@@ -208,12 +208,13 @@ def _report(run: Run) -> None:
         return
     r = run.recipe.report
     test = run.test
-    teacher_pred = predict_logits(run.load("teacher"), test.x).argmax(1)
+    teacher_pred = predict_logits(run.load("teacher").to(run.device), test.x).argmax(1)
     models: dict[str, dict] = {}
     for name in model_names(run):
         file = run.path(f"{name}.safetensors")
         model, meta = load_model_file(file)
-        models[name] = evaluate_model(model, test, file, teacher_pred, r.latency_runs, r.throughput_batch)
+        models[name] = evaluate_model(model, test, file, teacher_pred, r.latency_runs, r.throughput_batch,
+                                      run.device)
         if meta.get("pruning"):
             models[name]["pruning"] = meta["pruning"]
         if run.path(f"{name}.onnx").exists():
@@ -243,8 +244,10 @@ def report_notes(run: Run) -> list[str]:
              f"distillation terms: {terms}",
              "baseline: the student architecture trained on labels alone, with the same optimiser "
              "steps as the distilled student",
-             f"latency: median of {r.report.latency_runs} batch-1 runs after warm-up; throughput at batch "
-             f"{r.report.throughput_batch}; {torch.get_num_threads()} thread(s) for PyTorch and onnxruntime alike"]
+             f"accuracy: predictions on {run.device}; latency and throughput on the CPU (where an edge model runs): "
+             f"median of {r.report.latency_runs} batch-1 runs after warm-up (fewer, at least 5, for a model slower "
+             f"than 3 s in all); throughput at batch {r.report.throughput_batch}; {torch.get_num_threads()} "
+             "thread(s) for PyTorch and onnxruntime alike"]
     notes += scheme_notes(r) + cache_notes(run.path("log.jsonl"))
     if r.compress.enabled:
         c = r.compress
