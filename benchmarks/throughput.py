@@ -10,6 +10,10 @@ Hinton KD at T=4 with alpha=0.9. Four rows, timed alternately over several round
   cached    distil's `fit` with the teacher's logits computed once (`Distiller.with_teacher_logits`)
   student   distil's `fit` of the student alone on labels (`ClassificationTask`): the floor for `cached`
 
+and two FitNet rows (the same KD + CE plus a hint: the student's hidden layer `layer1`, through a learned
+linear connector, regresses the teacher's pooled features `pool`, weight 1), teacher online and with its
+logits and `pool` features cached, with the time to build that cache.
+
     python benchmarks/throughput.py [--rounds 5] [--device auto] [--precision fp32]
 
 The last line reads `ratios: online/hand X.XX, cached/student-only Y.YY`.
@@ -25,7 +29,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
-from distil import CE, KD, ClassificationTask, Distiller, Split, TrainConfig, fit, load_splits
+from distil import CE, KD, ClassificationTask, Distiller, FitNet, Split, TrainConfig, fit, load_splits
 from distil.device import autocast, resolve_device
 from distil.models import build_model
 
@@ -103,9 +107,15 @@ def main() -> None:
     def terms():
         return [KD(T=4, weight=0.9), CE(weight=0.1)]
 
+    def fitnet_terms():
+        return [*terms(), FitNet(student="layer1", teacher="pool", weight=1.0)]
+
     build_start = time.perf_counter()
     cached_split = Distiller(student(), teacher, terms()).to(device).with_teacher_logits(train)
     cache_seconds = time.perf_counter() - build_start
+    build_start = time.perf_counter()
+    fitnet_split = Distiller(student(), teacher, fitnet_terms()).to(device).with_teacher_logits(train)
+    fitnet_cache_seconds = time.perf_counter() - build_start
     on_device = Split(train.x.to(device), train.y.to(device))
     loader = DataLoader(TensorDataset(on_device.x, on_device.y), batch_size=None,
                         sampler=BatchSampler(RandomSampler(on_device.x), args.batch_size, drop_last=True))
@@ -127,6 +137,8 @@ def main() -> None:
         "online": lambda: fit(Distiller(student(), teacher, terms()), train, None, cfg, **run),
         "cached": lambda: fit(Distiller(student(), teacher, terms()), cached_split, None, cfg, **run),
         "student": lambda: fit(ClassificationTask(student()), train, None, cfg, **run),
+        "fitnet_online": lambda: fit(Distiller(student(), teacher, fitnet_terms()), train, None, cfg, **run),
+        "fitnet_cached": lambda: fit(Distiller(student(), teacher, fitnet_terms()), fitnet_split, None, cfg, **run),
     }
     for row in rows.values():  # warm-up: allocator, kernels, thread pools
         row()
@@ -142,6 +154,13 @@ def main() -> None:
                        ("cached", "distil, cached teacher logits"), ("student", "distil, student alone on labels")]:
         print(f"  {label:<36} {median[key]:7.3f} s   {len(train) / median[key]:>10,.0f} samples/s")
     print(f"  building the teacher-logit cache:    {cache_seconds:7.3f} s (once per run)")
+    for key, label in [("fitnet_online", "distil, FitNet, teacher online"),
+                       ("fitnet_cached", "distil, FitNet, cached (+features)")]:
+        print(f"  {label:<36} {median[key]:7.3f} s   {len(train) / median[key]:>10,.0f} samples/s")
+    print(f"  building the logit+feature cache:    {fitnet_cache_seconds:7.3f} s (once per run; features "
+          f"{tuple(fitnet_split.teacher_logits['teacher/pool'].shape)})")
+    print(f"FitNet: cached/online {median['fitnet_cached'] / median['fitnet_online']:.2f}, "
+          f"cached/student-only {median['fitnet_cached'] / median['student']:.2f}")
     print(f"floor, by hand: KD from stored logits / CE alone {median['hand_kd'] / median['hand_ce']:.2f} "
           f"({median['hand_kd']:.3f} s / {median['hand_ce']:.3f} s): the cost of the KD loss itself on this student")
     print(f"ratios: online/hand {median['online'] / median['hand']:.2f}, "

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from conftest import mlp
+from distil.batches import Batch
 from distil.cache import TeacherCache, cache_key
-from distil.distiller import Distiller
-from distil.losses import CE, KD
+from distil.data import Split
+from distil.distiller import Distiller, feature_key
+from distil.losses import CE, KD, FitNet
 
 
 class Counting:
@@ -171,3 +173,58 @@ def test_top_5_of_100_classes_stays_close_to_full_logits():
         fit(distiller, cached, None, TrainConfig(epochs=8, batch_size=128, lr=3e-3), device="cpu")
         accuracies[k] = accuracy(student, test)
     assert abs(accuracies[5] - accuracies[None]) <= 0.02, accuracies
+
+
+def fitnet_distiller(teacher: torch.nn.Module) -> Distiller:
+    return Distiller(mlp(0), teacher, [KD(T=2, weight=0.5), CE(weight=0.2),
+                                       FitNet(student="1", teacher="1", weight=0.3)])
+
+
+def test_cached_features_give_the_online_loss_and_gradients_and_skip_the_teacher(tmp_path):
+    teacher, x, y = mlp(1, hidden=8), torch.randn(32, 4), torch.randint(0, 3, (32,))
+    online, cached = fitnet_distiller(teacher), fitnet_distiller(teacher)
+    split = cached.with_teacher_logits(Split(x, y), cache=TeacherCache(tmp_path))
+    assert sorted(split.teacher_logits) == ["teacher", feature_key("teacher", "1")]
+    assert split.teacher_logits[feature_key("teacher", "1")].shape == (32, 8)  # the ReLU's output, per sample
+    assert cached.cache_events["teacher"] | {"key": None} == {
+        "key": None, "status": "built", "top_k": None, "features": ["1"]}
+    batch = Batch(x[:16], y[:16], torch.arange(16), teacher_logits={k: v[:16] for k, v in split.teacher_logits.items()})
+    for distiller in (online, cached):
+        torch.manual_seed(5)
+        distiller.prepare(batch)  # builds the connector: the same initial weights in both
+    live = online(Batch(x[:16], y[:16], torch.arange(16)))
+    calls = []
+    hook = teacher.register_forward_hook(lambda *_: calls.append(1))
+    stored = cached(batch)
+    hook.remove()
+    assert calls == []  # the teacher did not run
+    assert stored.parts.keys() == live.parts.keys()
+    assert all(torch.allclose(stored.parts[k], live.parts[k], atol=1e-6) for k in live.parts)
+    live.loss.backward()
+    stored.loss.backward()
+    for a, b in zip(online.parameters(), cached.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def test_cached_features_are_reused_from_the_cache_by_a_second_distiller(tmp_path):
+    teacher, x, y = mlp(1, hidden=8), torch.randn(40, 4), torch.randint(0, 3, (40,))
+    first = fitnet_distiller(teacher)
+    built = first.with_teacher_logits(Split(x, y), cache=TeacherCache(tmp_path))
+    second = fitnet_distiller(teacher)
+    calls = []
+    hook = teacher.register_forward_hook(lambda *_: calls.append(1))
+    reused = second.with_teacher_logits(Split(x, y), cache=TeacherCache(tmp_path))
+    hook.remove()
+    assert second.cache_events["teacher"]["status"] == "reused" and len(calls) == 1  # one probe for the shapes
+    assert all(torch.equal(built.teacher_logits[k], reused.teacher_logits[k]) for k in built.teacher_logits)
+    assert len(json.loads((tmp_path / "index.json").read_text())) == 2  # logits and one layer's features
+
+
+def test_features_over_the_limit_stay_online_and_say_why():
+    teacher, x, y = mlp(1, hidden=8), torch.randn(32, 4), torch.randint(0, 3, (32,))
+    distiller = fitnet_distiller(teacher)
+    split = distiller.with_teacher_logits(Split(x, y), max_feature_mb=0.0001)  # 32 x 8 floats = 0.001 MB
+    assert split.teacher_logits is None
+    event = distiller.cache_events["teacher"]
+    assert event["status"] == "online" and "features of 1 for 32 samples" in event["reason"]
+    assert "max_feature_mb" in event["reason"]

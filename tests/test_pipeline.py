@@ -33,7 +33,10 @@ def test_pipeline_writes_the_run_folder_and_resumes(tmp_path, tiny_recipe):
     assert "data:image/png;base64," in html and 'src="plots/' not in html  # self-contained
     assert (run_dir / "plots" / "training.png").stat().st_size > 1000
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    assert any("fitnet:layer1->pool" in r["parts"] for r in records if r["stage"] == "distill")
+    epochs = [r for r in records if r["stage"] == "distill" and "event" not in r]
+    assert epochs and all("fitnet:layer1->pool" in r["parts"] for r in epochs)
+    cache = [r for r in records if r.get("event") == "teacher_cache"]  # the FitNet teacher's pool features too
+    assert [(r["status"], r["features"]) for r in cache] == [("built", ["pool"])]
     # the baseline gets the distillation stage's optimiser steps: same split, same epochs here
     assert sum(r["stage"] == "baseline" for r in records) == 2
 

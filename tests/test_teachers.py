@@ -187,22 +187,35 @@ def test_cached_logits_are_each_teachers_and_give_the_live_loss():
     assert not torch.allclose(distiller(Batch(x, y)).parts["kd:big"], live.parts["kd:big"])
 
 
-def test_a_teacher_whose_features_a_term_reads_stays_online():
+def test_a_teacher_whose_features_a_term_reads_is_cached_with_those_features():
     distiller = two_teachers([FitNet(student="0", teacher="0", weight=1.0, teacher_name="ta")])
     x, y = blobs(10)
     distiller.prepare(Batch(x, y))  # builds the connector (B, 16) -> (B, 8)
     cached = distiller.with_teacher_logits(Split(x, y))
-    assert set(cached.teacher_logits) == {"big"}
+    assert set(cached.teacher_logits) == {"big", "ta", "ta/0"}
     calls = {"big": 0, "ta": 0}
     for name, teacher in distiller.teachers.items():
         teacher.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1))
     batch = next(Batches(cached, 10, shuffle=False).epoch(0))
     from_cache = distiller(batch)
-    assert calls == {"big": 0, "ta": 1}
+    assert calls == {"big": 0, "ta": 0}
     live = distiller(Batch(x, y))
-    assert calls == {"big": 1, "ta": 2}
+    assert calls == {"big": 1, "ta": 1}
     assert from_cache.loss.item() == pytest.approx(live.loss.item(), rel=1e-6)
     assert "fitnet:0->ta.0" in from_cache.parts
+
+
+def test_a_teacher_whose_features_are_too_large_to_cache_stays_online():
+    distiller = two_teachers([FitNet(student="0", teacher="0", weight=1.0, teacher_name="ta")])
+    x, y = blobs(10)
+    distiller.prepare(Batch(x, y))
+    cached = distiller.with_teacher_logits(Split(x, y), max_feature_mb=0.0)
+    assert set(cached.teacher_logits) == {"big"} and distiller.cache_events["ta"]["status"] == "online"
+    calls = {"big": 0, "ta": 0}
+    for name, teacher in distiller.teachers.items():
+        teacher.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1))
+    distiller(next(Batches(cached, 10, shuffle=False).epoch(0)))
+    assert calls == {"big": 0, "ta": 1}
 
 
 # --- teachers stay frozen, move with the distiller --------------------------------------------

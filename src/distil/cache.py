@@ -31,16 +31,26 @@ def default_folder() -> Path:
     return Path(os.environ.get("DISTIL_CACHE", Path.home() / ".cache" / "distil")) / "teachers"
 
 
-def cache_key(teacher: nn.Module, inputs: torch.Tensor, what: str = "logits") -> str:
-    """A hash of the teacher's weights (names, shapes, values), the inputs and `what` is computed from them."""
+def cache_keys(teacher: nn.Module, inputs: torch.Tensor, whats: list[str]) -> list[str]:
+    """For each of `whats`, a hash of the teacher's weights (names, shapes, values), the inputs and what is
+    computed from them ("logits", "top5", "features:layer3"); the weights and inputs are read once."""
     digest = hashlib.blake2b(digest_size=12)
     for name, tensor in sorted(teacher.state_dict().items()):
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     digest.update(f"{tuple(inputs.shape)}:{inputs.dtype}".encode())
     digest.update(inputs.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(what.encode())
-    return digest.hexdigest()
+    keys = []
+    for what in whats:
+        one = digest.copy()
+        one.update(what.encode())
+        keys.append(one.hexdigest())
+    return keys
+
+
+def cache_key(teacher: nn.Module, inputs: torch.Tensor, what: str = "logits") -> str:
+    """A hash of the teacher's weights (names, shapes, values), the inputs and `what` is computed from them."""
+    return cache_keys(teacher, inputs, [what])[0]
 
 
 def _checksum(path: Path) -> str:

@@ -21,10 +21,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from distil.batches import Batch, Progress
-from distil.cache import TeacherCache, cache_key, top_k_pack, top_k_unpack
+from distil.cache import TeacherCache, cache_keys, top_k_pack, top_k_unpack
 from distil.checkpoint import save_tensors
 from distil.data import Split
 from distil.errors import ConfigError, DataError, ModelError
+from distil.evaluate import model_device
 from distil.losses import CE, KD, STUDENT, UNLABELED, Outputs, Term, Views, ce_loss
 from distil.taps import FeatureTaps
 
@@ -77,6 +78,7 @@ class Scoring:
 
 TOP1 = Scoring("acc", True, top1_score)
 BITS_PER_BYTE = Scoring("bpb", False, bits_score)  # byte-level language models: lower is better
+FEATURE_CACHE_MB = 2048.0  # teacher features larger than this for a split are not precomputed
 
 
 def scoring_for(task: str) -> Scoring:
@@ -239,8 +241,9 @@ class Distiller(nn.Module):
         teachers = self._teacher_map
         for name in self.needed:
             taps = self.teacher_taps[name]
-            if name in batch.teacher_logits and not taps.modules:
-                logits = batch.teacher_logits[name]
+            stored = batch.teacher_logits
+            if name in stored and all(feature_key(name, layer) in stored for layer in taps.modules):
+                logits = stored[name]
                 if name in self._packed:  # per-token top-k, stored packed: (B, T, 2k+1) -> (B, T, V)
                     logits = top_k_unpack(logits, self._packed[name])
                 elif logits.dim() == 3 and logits.shape[-1] != outputs[STUDENT].logits.shape[-1]:
@@ -249,61 +252,70 @@ class Distiller(nn.Module):
                         f"student's vocabulary {outputs[STUDENT].logits.shape[-1]}: they are top-k logits packed by "
                         "another Distiller's with_teacher_logits. Call with_teacher_logits on this Distiller (with a "
                         "TeacherCache the logits are read back, not recomputed).")
-                outputs[name] = Outputs(logits)
+                outputs[name] = Outputs(logits, {layer: stored[feature_key(name, layer)] for layer in taps.modules})
                 continue
             with torch.no_grad(), taps:
                 outputs[name] = Outputs(teachers[name](batch.inputs), taps.outputs)
         return Views(outputs, batch.targets, tuple(teachers), batch.index, batch.mask, progress or Progress())
 
     def with_teacher_logits(self, split: Split, batch_size: int = 1024, cache: TeacherCache | None = None,
-                            top_k: int | None = None) -> Split:
-        """`split` with each teacher's logits precomputed, so training skips the teachers' forward passes.
+                            top_k: int | None = None, max_feature_mb: float = FEATURE_CACHE_MB) -> Split:
+        """`split` with each teacher's outputs precomputed, so training skips the teachers' forward passes.
 
-        Exact because teachers are frozen in eval mode and the inputs are fixed tensors: never use it
-        with random augmentation. A teacher whose features a term reads still runs each step. With a
-        `cache`, logits are read from (or stored in) it, keyed by the teacher's weights and the inputs;
-        `cache_events` then says, per teacher, whether they were reused or built. With `top_k`, only each
-        sample's k largest logits and the rest's total mass are kept (`distil.cache.top_k_pack`); the other
-        classes share that mass equally when the targets are rebuilt.
+        The logits go under the teacher's name in `Split.teacher_logits`, and the features that feature terms
+        read under `feature_key(teacher, layer)` ("teacher/layer3"), all (N, ...) per sample. Exact because
+        teachers are frozen in eval mode and the inputs are fixed tensors: never use it with random
+        augmentation. A teacher whose features would take more than `max_feature_mb` for the split still runs
+        each step (`cache_events` says why). With a `cache`, each output is read from (or stored in) it, keyed
+        by the teacher's weights, the inputs and what was computed; `cache_events` then says, per teacher,
+        whether they were reused or built. With `top_k`, only each sample's k largest logits and the rest's
+        total mass are kept (`distil.cache.top_k_pack`); the other classes share that mass equally when the
+        targets are rebuilt.
         """
         cached, self.cache_events, self._packed = {}, {}, {}
         for name in self.needed:
-            if self.teacher_taps[name].modules:
-                continue
-            teacher = self.teachers[name]
-            shape = output_shape(teacher, split)  # (K,), or (T, V) for a language model
+            teacher, taps = self.teachers[name], self.teacher_taps[name]
+            shapes = output_shapes(teacher, taps, split)  # "": (K,), or (T, V) per token; each layer: (C, ...)
+            shape, layers = shapes.pop(""), shapes
             if len(shape) == 2 and top_k is None:  # per-token logits: N * T * V floats, e.g. 2 GB for 2 MB of text
                 self.cache_events[name] = {"status": "online", "top_k": None, "reason": (
                     f"per-token logits of {len(split):,} x {shape[0]} x {shape[1]} floats "
                     f"({len(split) * shape[0] * shape[1] * 4 / 2**30:.1f} GiB) are not precomputed; "
                     "distill.top_k would store each token's k likeliest, an approximation of the targets")}
                 continue
-            pack = (lambda logits: logits) if top_k is None else (lambda logits: top_k_pack(logits, top_k))
-
-            def compute(teacher: nn.Module = teacher, pack=pack) -> torch.Tensor:
-                device = next(teacher.parameters(), torch.empty(0)).device
-                with torch.no_grad():  # not inference_mode: the logits later enter autograd as targets
-                    return torch.cat([pack(teacher(split.x[i:i + batch_size].to(device)).cpu())
-                                      for i in range(0, len(split), batch_size)])  # (N, K) or packed
-
+            feature_mb = len(split) * sum(math.prod(s) for s in layers.values()) * 4 / 2**20
+            if feature_mb > max_feature_mb:
+                self.cache_events[name] = {"status": "online", "top_k": top_k, "reason": (
+                    f"the features of {', '.join(layers)} for {len(split):,} samples would take {feature_mb:,.0f} MB, "
+                    f"above the {max_feature_mb:,.0f} MB limit (max_feature_mb)")}
+                continue
             classes = shape[-1]
             if top_k is not None and not 1 <= top_k <= classes:
                 raise ConfigError(f"top_k={top_k}: keep between 1 and the {classes} classes of teacher '{name}'")
-            stored = compute
+            pack = (lambda logits: logits) if top_k is None else (lambda logits: top_k_pack(logits, top_k))
+            outputs = _TeacherOutputs(teacher, taps, split.x, batch_size, pack)  # computed once, on first read
+            whats = {"": "logits" if top_k is None else f"top{top_k}", **{t: f"features:{t}" for t in layers}}
             if cache is None:
-                values = stored()
+                values = {part: outputs[part] for part in whats}
             else:
-                key = cache_key(teacher, split.x, "logits" if top_k is None else f"top{top_k}")
-                values = cache.get(key, stored)
-                self.cache_events[name] = {"key": key, "status": cache.last_event, "top_k": top_k}
+                keys = cache_keys(teacher, split.x, list(whats.values()))
+                values, statuses = {}, []
+                for part, key in zip(whats, keys):
+                    values[part] = cache.get(key, functools.partial(outputs.__getitem__, part))
+                    statuses.append(cache.last_event)
+                built = [status for status in statuses if status != "reused"]
+                self.cache_events[name] = {"key": keys[0], "status": built[0] if built else "reused", "top_k": top_k,
+                                           **({"features": list(layers)} if layers else {})}
+            logits = values.pop("")
             if top_k is not None and len(shape) == 2:
-                cached[name], self._packed[name] = values, classes  # unpacked per batch: (B, T, 2k+1) -> (B, T, V)
+                cached[name], self._packed[name] = logits, classes  # unpacked per batch: (B, T, 2k+1) -> (B, T, V)
             else:
-                cached[name] = values if top_k is None else top_k_unpack(values, classes)
+                cached[name] = logits if top_k is None else top_k_unpack(logits, classes)
+            cached.update({feature_key(name, layer): features for layer, features in values.items()})
         return Split(split.x, split.y, {**(split.teacher_logits or {}), **cached}) if cached else split
 
     def forward(self, batch: Batch, progress: Progress | None = None) -> StepOutput:
-        """One step; a teacher's cached logits in `batch.teacher_logits` replace its forward pass."""
+        """One step; a teacher's cached logits (and features) in `batch.teacher_logits` replace its forward pass."""
         views = self._views(batch, progress)
         parts = {term.name: term.weight * term(views) for term in self.terms}
         loss = functools.reduce(operator.add, parts.values())
@@ -320,11 +332,40 @@ class Distiller(nn.Module):
         save_tensors(path, {k: v for k, v in self.terms.state_dict().items()})
 
 
-def output_shape(teacher: nn.Module, split: Split) -> tuple[int, ...]:
-    """The shape of a teacher's logits for one sample: (K,), or (T, V) per token for a language model."""
-    device = next(teacher.parameters(), torch.empty(0)).device
-    with torch.no_grad():
-        return tuple(teacher(split.x[:1].to(device)).shape[1:])
+def feature_key(teacher: str, layer: str) -> str:
+    """Where a teacher's cached features of one layer sit in `Split.teacher_logits` and `Batch.teacher_logits`."""
+    return f"{teacher}/{layer}"
+
+
+def output_shapes(teacher: nn.Module, taps: FeatureTaps, split: Split) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of a teacher's outputs: "" its logits ((K,), or (T, V) per token for a language
+    model), and each tapped layer's features."""
+    device = model_device(teacher)
+    with torch.no_grad(), taps:
+        shapes = {"": tuple(teacher(split.x[:1].to(device)).shape[1:])}
+    return shapes | {layer: tuple(features.shape[1:]) for layer, features in taps.outputs.items()}
+
+
+class _TeacherOutputs:
+    """A teacher's logits (packed by `pack`) and tapped features on `x`, computed in batches on the teacher's
+    device at the first read, then held on the CPU: `outputs[""]` (N, K), `outputs[layer]` (N, ...)."""
+
+    def __init__(self, teacher: nn.Module, taps: FeatureTaps, x: torch.Tensor, batch_size: int,
+                 pack: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.teacher, self.taps, self.x, self.batch_size, self.pack = teacher, taps, x, batch_size, pack
+        self.values: dict[str, torch.Tensor] | None = None
+
+    def __getitem__(self, part: str) -> torch.Tensor:
+        if self.values is None:
+            device, parts = model_device(self.teacher), {"": [], **{layer: [] for layer in self.taps.modules}}
+            with torch.no_grad():  # not inference_mode: the outputs later enter autograd as targets
+                for i in range(0, len(self.x), self.batch_size):
+                    with self.taps:
+                        parts[""].append(self.pack(self.teacher(self.x[i:i + self.batch_size].to(device))).cpu())
+                    for layer, features in self.taps.outputs.items():
+                        parts[layer].append(features.cpu())
+            self.values = {name: torch.cat(chunks) for name, chunks in parts.items()}
+        return self.values[part]
 
 
 def _check_participants(student: nn.Module, teachers: dict[str, nn.Module], terms: list) -> None:

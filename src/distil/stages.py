@@ -297,7 +297,8 @@ def cache_notes(path: Path) -> list[str]:
             continue
         verb = "read from" if e["status"] == "reused" else f"{e['status']} into"
         where = f" (entry {e['key']} in {e['folder']})" if e.get("folder") else " (in memory, for this run)"
-        note = f"{stage}: teacher '{teacher}' logits {verb} the teacher cache{where}"
+        what = "logits" + (f" and features of {', '.join(e['features'])}" if e.get("features") else "")
+        note = f"{stage}: teacher '{teacher}' {what} {verb} the teacher cache{where}"
         if e.get("top_k"):
             note += f"; only the top {e['top_k']} logits per sample kept, the other classes sharing the rest"
         notes.append(note)
