@@ -269,3 +269,87 @@ def test_every_module_move_reaches_the_teachers():
     assert next(teacher.parameters()).dtype == torch.float64
     distiller.float().cpu()
     assert next(teacher.parameters()).dtype == torch.float32
+
+
+# --- BatchNorm folded into the teacher that runs ------------------------------------------------
+
+
+def bn_teacher(seed: int = 3) -> nn.Module:
+    """(B, 4) -> Linear -> BatchNorm1d -> ReLU -> Linear (B, 3), with running statistics far from 0 and 1."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    bn = model[1]
+    bn.running_mean.uniform_(-2, 2)
+    bn.running_var.uniform_(0.2, 3)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-1, 1)
+    return model.eval()
+
+
+def count_norms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_fold_batchnorm_gives_the_same_outputs_without_norms_and_leaves_the_teacher_alone():
+    from distil.distiller import fold_batchnorm
+    from distil.models import build_model
+
+    for teacher, x in [(bn_teacher(), torch.randn(64, 4)),
+                       (build_model("cnn1d", (1, 40), 10, width=16, depth=2).eval(), torch.randn(8, 1, 40))]:
+        before = copy.deepcopy(teacher.state_dict())
+        folded = fold_batchnorm(teacher)
+        assert count_norms(folded) == 0 and count_norms(teacher) > 0
+        assert not folded.training and not any(p.requires_grad for p in folded.parameters())
+        with torch.no_grad():
+            assert torch.allclose(folded(x), teacher(x), atol=1e-5)
+        assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_fold_batchnorm_returns_the_model_itself_when_there_is_nothing_to_fold_or_no_trace():
+    from distil.distiller import fold_batchnorm
+
+    plain = mlp(0)
+    assert fold_batchnorm(plain) is plain  # no BatchNorm
+
+    class Branchy(nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.body = bn_teacher()
+
+        def forward(self, x):
+            return self.body(x) if x.sum() > 0 else -self.body(x)
+
+    branchy = Branchy().eval()
+    assert fold_batchnorm(branchy) is branchy
+
+
+def test_a_distiller_runs_the_folded_teacher_with_the_unfolded_loss():
+    x, y = blobs(32)
+    teacher = bn_teacher()
+    folded, plain = (Distiller(mlp(0), teacher, [KD(T=2, weight=0.7), CE(weight=0.3)], fold_bn=fold)
+                     for fold in (True, False))
+    for distiller in (folded, plain):
+        distiller.prepare(Batch(x, y))
+    calls = []
+    hook = teacher.register_forward_hook(lambda *_: calls.append(1))
+    loss = folded(Batch(x, y)).loss
+    assert calls == []  # the copy ran, not the teacher
+    assert plain(Batch(x, y)).loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert len(calls) == 1
+    hook.remove()
+    folded.double()  # .to() and friends reach the copy too
+    assert all(p.dtype == torch.float64 for p in folded._runners["teacher"].parameters())
+
+
+def test_a_tapped_teacher_is_not_folded_and_a_fold_that_disagrees_is_undone(caplog):
+    x, y = blobs(16)
+    teacher = bn_teacher()
+    tapped = Distiller(mlp(0), teacher, [KD(), FitNet(student="1", teacher="1", weight=1.0)])
+    assert tapped._runners["teacher"] is teacher  # the term reads the BatchNorm's own output
+    distiller = Distiller(mlp(0), teacher, [KD(), CE()])
+    assert distiller._runners["teacher"] is not teacher
+    distiller._runners["teacher"] = bn_teacher(seed=4)  # a copy whose outputs differ
+    with caplog.at_level("WARNING", logger="distil.distiller"):
+        distiller.prepare(Batch(x, y))
+    assert distiller._runners["teacher"] is teacher
+    assert "running it unfolded" in caplog.text
