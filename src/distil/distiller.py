@@ -118,21 +118,6 @@ class ClassificationTask:
             self.model.train(was_training)
         self.check_targets(batch.targets)
 
-    def _check_folds(self, inputs: torch.Tensor) -> None:
-        """Run each folded teacher and its original on `inputs` (full precision); keep the original where they
-        differ by more than float rounding (a model whose traced graph is not its forward)."""
-        for name, teacher in self._teachers:
-            runner = self._runners[name]
-            if runner is teacher:
-                continue
-            with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
-                folded, plain = runner(inputs).float(), teacher(inputs).float()
-            if folded.shape != plain.shape or not torch.allclose(folded, plain, rtol=1e-3,
-                                                                  atol=1e-4 * (1 + float(plain.abs().max()))):
-                log.warning("teacher '%s' with its BatchNorm folded gives other outputs than the teacher itself: "
-                            "running it unfolded", name)
-                self._runners[name] = teacher
-
     def check_targets(self, targets: torch.Tensor) -> None:
         if self.num_classes is not None:  # -1 marks an unlabeled sample: it adds nothing to the loss
             check_class_targets(targets, self.num_classes, allow_unlabeled=True)
