@@ -328,8 +328,10 @@ def test_a_distiller_runs_the_folded_teacher_with_the_unfolded_loss():
     teacher = bn_teacher()
     folded, plain = (Distiller(mlp(0), teacher, [KD(T=2, weight=0.7), CE(weight=0.3)], fold_bn=fold)
                      for fold in (True, False))
+    assert folded._runners == {}  # nothing is copied before the teacher first runs
     for distiller in (folded, plain):
         distiller.prepare(Batch(x, y))
+    assert count_norms(folded._runners["teacher"]) == 0 and plain._runners["teacher"] is teacher
     calls = []
     hook = teacher.register_forward_hook(lambda *_: calls.append(1))
     loss = folded(Batch(x, y)).loss
@@ -341,14 +343,27 @@ def test_a_distiller_runs_the_folded_teacher_with_the_unfolded_loss():
     assert all(p.dtype == torch.float64 for p in folded._runners["teacher"].parameters())
 
 
-def test_a_tapped_teacher_is_not_folded_and_a_fold_that_disagrees_is_undone(caplog):
+def test_a_teacher_whose_outputs_are_all_cached_is_never_run_nor_copied():
+    x, y = blobs(32)
+    teacher = bn_teacher()
+    distiller = Distiller(mlp(0), teacher, [KD(T=2, weight=0.7), CE(weight=0.3)])
+    cached = Split(x, y, {"teacher": torch.randn(32, 3)})
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    fit(distiller, cached, None, TrainConfig(epochs=1, batch_size=16, lr=0.01))
+    assert calls == [] and distiller._runners == {}
+
+
+def test_a_tapped_teacher_is_not_folded_and_a_fold_that_disagrees_is_not_used(caplog, monkeypatch):
+    import distil.distiller
+
     x, y = blobs(16)
     teacher = bn_teacher()
     tapped = Distiller(mlp(0), teacher, [KD(), FitNet(student="1", teacher="1", weight=1.0)])
+    tapped.prepare(Batch(x, y))
     assert tapped._runners["teacher"] is teacher  # the term reads the BatchNorm's own output
+    monkeypatch.setattr(distil.distiller, "fold_batchnorm", lambda model: bn_teacher(seed=4))  # other outputs
     distiller = Distiller(mlp(0), teacher, [KD(), CE()])
-    assert distiller._runners["teacher"] is not teacher
-    distiller._runners["teacher"] = bn_teacher(seed=4)  # a copy whose outputs differ
     with caplog.at_level("WARNING", logger="distil.distiller"):
         distiller.prepare(Batch(x, y))
     assert distiller._runners["teacher"] is teacher

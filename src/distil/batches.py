@@ -222,7 +222,8 @@ class Batches:
         from torch.utils.data import default_collate
 
         if self.loader is None:
-            return Batch(self.data.x[:n], self.data.y[:n], torch.arange(min(n, len(self.data))))
+            cached = {name: values[:n] for name, values in (self.data.teacher_logits or {}).items()}
+            return Batch(self.data.x[:n], self.data.y[:n], torch.arange(min(n, len(self.data))), teacher_logits=cached)
         if isinstance(self.data, DataLoader):
             return to_batch(next(iter(self.data)))
         return to_batch(default_collate([_Indexed(self.data)[i] for i in range(min(n, len(self.data)))]))

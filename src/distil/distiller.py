@@ -184,10 +184,11 @@ class Distiller(nn.Module):
         ensembles = [_resolve_ensemble(r.ensemble, teachers) for r in reads if r.ensemble is not None]
         read = set(self._term_teacher).union(*ensembles)
         self.needed = [name for name in teachers if name in read]  # teachers run each step
-        # what runs: each teacher, or its copy with BatchNorm folded in (a dict: prepare may undo a fold)
-        self._runners = {name: fold_batchnorm(model) if fold_bn and not self.teacher_taps[name].modules else model
-                         for name, model in teachers.items()}
-        self._teacher_map = MappingProxyType(self._runners)  # read at every step; not registered either
+        self._teacher_map = MappingProxyType(dict(teachers))  # read at every step; not registered either
+        # what runs of each teacher, chosen at its first forward pass (`_runner`): the teacher itself, or a copy
+        # with its BatchNorm folded in. A teacher whose outputs are all cached never runs, and is never copied.
+        self._fold_bn, self._compile_runners = fold_bn, False
+        self._runners: dict[str, nn.Module] = {}
         self.num_classes: int | None = None
         self.cache_events: dict[str, dict] = {}
         self._packed: dict[str, int] = {}  # teachers whose cached per-token top-k stay packed: name -> vocabulary
@@ -222,22 +223,44 @@ class Distiller(nn.Module):
         return self
 
     def compile(self) -> None:
-        """torch.compile the student, the teachers (what runs of them) and the loss terms in place (state_dict
-        keys stay the same): the terms' small operations (softmaxes, KL) then fuse into a few kernels."""
+        """torch.compile the student, the teachers (what runs of them, when they first run) and the loss terms in
+        place (state_dict keys stay the same): the terms' small operations (softmaxes, KL) then fuse into a few
+        kernels, forward and backward."""
         self.student.compile()
+        self._compile_runners = True
         for runner in {id(r): r for r in self._runners.values()}.values():
             runner.compile()
         for term in self.terms:
             term.compile()
+
+    def _runner(self, name: str, inputs: torch.Tensor) -> nn.Module:
+        """What runs of teacher `name`: at its first forward pass, a copy with its BatchNorm folded in
+        (`fold_batchnorm`) if that gives the teacher's outputs on `inputs` to float rounding, else the
+        teacher itself (also when `fold_bn` is off or a term taps its layers)."""
+        runner = self._runners.get(name)
+        if runner is None:
+            runner = teacher = self._teacher_map[name]
+            if self._fold_bn and not self.teacher_taps[name].modules:
+                folded = fold_batchnorm(teacher)
+                if folded is not teacher and same_outputs(folded, teacher, inputs):
+                    runner = folded
+                elif folded is not teacher:
+                    log.warning("teacher '%s' with its BatchNorm folded gives other outputs than the teacher itself: "
+                                "running it unfolded", name)
+            if self._compile_runners:
+                runner.compile()
+            self._runners[name] = runner
+        return runner
 
     def prepare(self, batch: Batch) -> None:
         """Dry-run one batch: check class counts agree and build connectors from feature shapes."""
         was_training = self.training
         self.eval()
         with torch.no_grad():
-            views = self._views(Batch(batch.inputs, torch.zeros(len(batch), dtype=torch.long), batch.index))
+            # the batch's cached teacher outputs, if any, stand in for the teachers here as in training
+            views = self._views(Batch(batch.inputs, torch.zeros(len(batch), dtype=torch.long), batch.index,
+                                      teacher_logits=batch.teacher_logits))
         self.train(was_training)
-        self._check_folds(batch.inputs)
         self.num_classes = student_k = views.student.logits.shape[-1]
         for name in self.needed:
             teacher_k = views.outputs[name].logits.shape[-1]
@@ -248,21 +271,6 @@ class Distiller(nn.Module):
         for term in self.terms:
             term.build(views)
         self.check_targets(batch.targets)
-
-    def _check_folds(self, inputs: torch.Tensor) -> None:
-        """Run each folded teacher and its original on `inputs` (full precision); keep the original where they
-        differ by more than float rounding (a model whose traced graph is not its forward)."""
-        for name, teacher in self._teachers:
-            runner = self._runners[name]
-            if runner is teacher:
-                continue
-            with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
-                folded, plain = runner(inputs).float(), teacher(inputs).float()
-            if folded.shape != plain.shape or not torch.allclose(folded, plain, rtol=1e-3,
-                                                                  atol=1e-4 * (1 + float(plain.abs().max()))):
-                log.warning("teacher '%s' with its BatchNorm folded gives other outputs than the teacher itself: "
-                            "running it unfolded", name)
-                self._runners[name] = teacher
 
     def check_targets(self, targets: torch.Tensor) -> None:
         if self.num_classes is not None:
@@ -288,7 +296,7 @@ class Distiller(nn.Module):
                 outputs[name] = Outputs(logits, {layer: stored[feature_key(name, layer)] for layer in taps.modules})
                 continue
             with torch.no_grad(), taps:
-                outputs[name] = Outputs(teachers[name](batch.inputs), taps.outputs)
+                outputs[name] = Outputs(self._runner(name, batch.inputs)(batch.inputs), taps.outputs)
         return Views(outputs, batch.targets, tuple(teachers), batch.index, batch.mask, progress or Progress())
 
     def with_teacher_logits(self, split: Split, batch_size: int = 1024, cache: TeacherCache | None = None,
@@ -307,7 +315,8 @@ class Distiller(nn.Module):
         """
         cached, self.cache_events, self._packed = {}, {}, {}
         for name in self.needed:
-            teacher, runner, taps = self.teachers[name], self._runners[name], self.teacher_taps[name]
+            teacher, taps = self.teachers[name], self.teacher_taps[name]
+            runner = self._runner(name, split.x[:batch_size].to(model_device(teacher)))
             shapes = output_shapes(runner, taps, split)  # "": (K,), or (T, V) per token; each layer: (C, ...)
             shape, layers = shapes.pop(""), shapes
             if len(shape) == 2 and top_k is None:  # per-token logits: N * T * V floats, e.g. 2 GB for 2 MB of text
@@ -382,6 +391,13 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     if norms == sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return model  # nothing folded (no conv -> BN pair): keep the original, no copy
     return folded.eval().requires_grad_(False)
+
+
+def same_outputs(folded: nn.Module, model: nn.Module, inputs: torch.Tensor) -> bool:
+    """Whether `folded` gives `model`'s outputs on `inputs` to float rounding (full precision, no gradients)."""
+    with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
+        a, b = folded(inputs).float(), model(inputs).float()
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-4 * (1 + float(b.abs().max())))
 
 
 def feature_key(teacher: str, layer: str) -> str:
