@@ -14,7 +14,10 @@ and two FitNet rows (the same KD + CE plus a hint: the student's hidden layer `l
 linear connector, regresses the teacher's pooled features `pool`, weight 1), teacher online and with its
 logits and `pool` features cached, with the time to build that cache.
 
-    python benchmarks/throughput.py [--rounds 5] [--device auto] [--precision fp32]
+    python benchmarks/throughput.py [--rounds 5] [--device auto] [--precision fp32] [--student-width 100]
+
+`--student-width` widens the MLP student's hidden layer (100: the demo's 5k parameters), to show how the
+cached/student-only ratio falls as the student's own step grows against the KD loss's fixed cost.
 
 The last line reads `ratios: online/hand X.XX, cached/student-only Y.YY`.
 """
@@ -91,6 +94,7 @@ def main() -> None:
     parser.add_argument("--transfer", type=int, default=50000)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--student-width", type=int, default=100)
     args = parser.parse_args()
     device = resolve_device(args.device)
     splits = load_splits("mnist1d", {"num_samples": 5000, "transfer_size": args.transfer}, seed=0)
@@ -102,7 +106,7 @@ def main() -> None:
 
     def student():
         torch.manual_seed(1)
-        return build_model("mlp", (1, 40), 10, width=100, depth=1)
+        return build_model("mlp", (1, 40), 10, width=args.student_width, depth=1)
 
     def terms():
         return [KD(T=4, weight=0.9), CE(weight=0.1)]
@@ -148,8 +152,9 @@ def main() -> None:
             times[name].append(timed(row))
     median = {name: statistics.median(values) for name, values in times.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    params = sum(p.numel() for p in student().parameters())
     print(f"one epoch of {len(train):,} samples ({len(splits.train):,} labelled + {args.transfer:,} transfer), batch "
-          f"{args.batch_size}, {args.precision}, {name}; median of {args.rounds} rounds")
+          f"{args.batch_size}, {args.precision}, {name}; median of {args.rounds} rounds; student {params:,} parameters")
     for key, label in [("hand", "hand-written KD loop (DataLoader)"), ("online", "distil, teacher online"),
                        ("cached", "distil, cached teacher logits"), ("student", "distil, student alone on labels")]:
         print(f"  {label:<36} {median[key]:7.3f} s   {len(train) / median[key]:>10,.0f} samples/s")
