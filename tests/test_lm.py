@@ -296,3 +296,30 @@ def test_the_llm_experiment_writes_its_table(tmp_path):
     assert names == ["teacher", "baseline (CE only)", "forward KL (kd, T=1)", "reverse KL (rkl, T=1)",
                      "JSD(0.5) (jsd)", "JSD(0.5), on-policy 50%"]
     assert all(0 < float(row.split(" | ")[1].split(" +- ")[0]) < 8.5 for row in rows)
+
+
+def test_fitnet_between_gpt_blocks_of_different_widths_maps_channels_per_token():
+    from distil import Batch, Distiller, FitNet
+    from distil.losses import KD
+
+    torch.manual_seed(0)
+    teacher = build_model("gpt", (16,), 256, width=64, depth=2).eval()
+    student = build_model("gpt", (16,), 256, width=32, depth=1)
+    term = FitNet(student="blocks.0", teacher="blocks.1", weight=1.0)
+    distiller = Distiller(student, teacher, [KD(T=1.0, weight=1.0), term], scoring=BITS_PER_BYTE)
+    tokens = torch.randint(0, 256, (4, 17))
+    batch = Batch(tokens[:, :-1], tokens[:, 1:])
+    distiller.prepare(batch)
+    assert term.per_token and isinstance(term.connector, torch.nn.Linear)
+    assert (term.connector.in_features, term.connector.out_features) == (32, 64)  # hidden sizes, not positions
+    out = distiller(batch)
+    feats = {}
+    hooks = [student.blocks[0].register_forward_hook(lambda m, i, o: feats.__setitem__("s", o)),
+             teacher.blocks[1].register_forward_hook(lambda m, i, o: feats.__setitem__("t", o))]
+    student(batch.inputs), teacher(batch.inputs)
+    for hook in hooks:
+        hook.remove()
+    hand = F.mse_loss(term.connector(feats["s"]), feats["t"])
+    assert out.parts["fitnet:blocks.0->blocks.1"].item() == pytest.approx(hand.item(), rel=1e-5)
+    out.loss.backward()
+    assert term.connector.weight.grad is not None and term.connector.weight.grad.abs().sum() > 0

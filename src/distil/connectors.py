@@ -51,15 +51,23 @@ def _projection(rank: int, in_ch: int, out_ch: int) -> nn.Module:
 
 
 def build_connector(
-    student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], where: str
+    student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], where: str, per_token: bool = False
 ) -> nn.Module:
     """An identity when shapes match, else a `Connector`; `ShapeError` when no connector fits.
 
-    `where` names the feature pair ("student 'layer1' -> teacher 'layer2'") for the message.
+    `where` names the feature pair ("student 'layer1' -> teacher 'layer2'") for the message. `per_token`:
+    (B, T, C) features of a sequence model, channels last: a linear map of C at every position.
     """
     student_shape, teacher_shape = tuple(student_shape), tuple(teacher_shape)
     if student_shape[1:] == teacher_shape[1:]:
         return nn.Identity()
+    if per_token:
+        if len(student_shape) != 3 or len(teacher_shape) != 3 or student_shape[1] != teacher_shape[1]:
+            raise ShapeError(
+                f"cannot connect {where}: per-token features must both be (B, T, C) with the same T, got student "
+                f"{list(student_shape)} and teacher {list(teacher_shape)}. Tap block outputs (hidden states) of "
+                "both models.")
+        return nn.Linear(student_shape[2], teacher_shape[2])  # (B, T, Cs) -> (B, T, Ct)
     s_rank, t_rank = len(student_shape), len(teacher_shape)
     fits = s_rank == t_rank and s_rank in (2, 3, 4) or (t_rank == 2 and s_rank in (3, 4))
     if not fits:

@@ -258,7 +258,7 @@ class Distiller(nn.Module):
         self.eval()
         with torch.no_grad():
             # the batch's cached teacher outputs, if any, stand in for the teachers here as in training
-            views = self._views(Batch(batch.inputs, torch.zeros(len(batch), dtype=torch.long), batch.index,
+            views = self._views(Batch(batch.inputs, torch.zeros_like(batch.targets), batch.index,
                                       teacher_logits=batch.teacher_logits))
         self.train(was_training)
         self.num_classes = student_k = views.student.logits.shape[-1]

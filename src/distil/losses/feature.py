@@ -36,6 +36,12 @@ def at_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, p: float = 2
     return (attention_map(student_feat, p) - attention_map(teacher_feat, p)).pow(2).mean()
 
 
+def per_token_features(feat: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Whether `feat` holds a sequence model's per-token features (B, T, C), channels last: the targets are per
+    token (B, T) and the feature's dim 1 is that T."""
+    return targets.dim() == 2 and feat.dim() == 3 and feat.shape[:2] == targets.shape
+
+
 # --- terms ----------------------------------------------------------------------------------
 
 
@@ -59,6 +65,7 @@ class FeaturePairs(nn.Module):
         pairs = ",".join(f"{s}->{owner}{t}" for s, t in zip(self.student_layers, self.teacher_layers))
         self.name = f"{self.kind}:{pairs}"
         self.connectors = nn.ModuleList([nn.Identity() for _ in self.student_layers])
+        self.per_token = False  # set by `build`: (B, T, C) features of a sequence model
 
     @property
     def student_layer(self) -> str:  # the first pair: the common case of one
@@ -89,6 +96,7 @@ class FeaturePairs(nn.Module):
             if student_feat.shape[0] != teacher_feat.shape[0]:
                 raise ShapeError(f"{self.kind}: {self.where(i)} give features of batch sizes {student_feat.shape[0]} "
                                  f"and {teacher_feat.shape[0]}; both models must see the same batch.")
+            self.per_token = per_token_features(student_feat, views.targets)
             self.connectors[i] = self.make_connector(student_feat, teacher_feat, i).to(student_feat.device)
 
     def make_connector(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, i: int) -> nn.Module:
@@ -114,7 +122,7 @@ class FitNet(FeaturePairs):
         super().__init__(student, teacher, weight, teacher_name)
 
     def make_connector(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, i: int) -> nn.Module:
-        return build_connector(tuple(student_feat.shape), tuple(teacher_feat.shape), self.where(i))
+        return build_connector(tuple(student_feat.shape), tuple(teacher_feat.shape), self.where(i), self.per_token)
 
     def pair_loss(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, i: int) -> torch.Tensor:
         return fitnet_loss(student_feat, teacher_feat)
