@@ -146,3 +146,45 @@ def test_the_pipeline_distils_an_hf_teacher_into_an_hf_student(tmp_path):
     assert all(0 < m["bpb"] < 9 for m in models.values())
     assert abs(models["student (onnx)"]["bpb"] - models["student"]["bpb"]) < 1e-3  # the same model, exported
     assert "## Samples" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_pretrained_hf_teacher_is_used_as_loaded_not_trained(tmp_path):
+    from distil.build import load_recipe
+    from distil.modelfile import load_model_file
+    from distil.pipeline import run_pipeline
+
+    corpus = tmp_path / "texts"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"f{i}.txt").write_text(f"x = {i}\n" * 80)
+    spec = tiny_gpt2(tmp_path / "t", layers=1, width=16, seed=3)
+    small = {"train": {"epochs": 1, "batch_size": 16, "lr": 0.01}}
+    recipe = load_recipe({
+        "name": "pretrained", "data": {"source": "textfolder", "args": {"path": str(corpus), "block": BLOCK},
+                                       "val_fraction": 0.25, "test_fraction": 0.25},
+        "teacher": {"model": spec, "pretrained": True, **small}, "student": {"model": "gpt", "width": 16, **small},
+        "distill": {"terms": [{"kind": "kd", "T": 1.0, "weight": 0.5}, {"kind": "ce", "weight": 0.5}]}})
+    run_pipeline(recipe, tmp_path / "run")
+    saved, _ = load_model_file(tmp_path / "run" / "teacher.safetensors")
+    loaded = build_model(spec, (BLOCK,), 256)
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), loaded.state_dict().values(),
+                                                 strict=True))  # the weights as loaded: no training step
+    log = (tmp_path / "run" / "log.jsonl").read_text()
+    assert '"stage": "teacher"' not in log  # no teacher epoch was logged
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"teacher": {"model": "cnn1d", "pretrained": True}}, "teacher.pretrained: 'cnn1d' is a distil zoo model"),
+    ({"student": {"model": "mlp", "pretrained": True}}, "student.pretrained: only a teacher can skip training"),
+    ({"teacher": {"model": "pkg.mod:make", "pretrained": True, "checkpoint": "t.safetensors"}},
+     "teacher: give pretrained: true or a checkpoint, not both"),
+])
+def test_pretrained_misuse_names_the_field(section, message):
+    from distil.build import check_pretrained
+    from distil.errors import RecipeError
+    from distil.recipe import parse_recipe
+
+    recipe = parse_recipe(section)
+    where = next(iter(section))
+    with pytest.raises(RecipeError, match=message):
+        check_pretrained(getattr(recipe, where), where)

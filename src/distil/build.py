@@ -39,6 +39,7 @@ def check_references(recipe: Recipe) -> None:
     for where, section in sections.items():
         if section.model in MODELS:
             bind_kwargs(resolve_factory(section.model), section.knobs(), f"{where} (model '{section.model}')")
+        check_pretrained(section, where)
     for name in s.teachers:
         if name in ("student", "teacher") or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
             raise RecipeError(f"schemes.teachers: '{name}' cannot name a teacher: use letters, digits, '_' and '-', "
@@ -58,6 +59,23 @@ def check_references(recipe: Recipe) -> None:
                           "Set it to e.g. 512, or export.quantization: dynamic.")
     build_terms(recipe.distill.terms)
     augment_and_normalize(recipe.data.augment)
+
+
+def check_pretrained(section, where: str) -> None:
+    """`pretrained: true` keeps a teacher as its factory builds it: only for teachers, only for models whose
+    factory loads weights (not distil's zoo, whose models start random), and not with a checkpoint as well."""
+    if not section.pretrained:
+        return
+    if not (where == "teacher" or where.startswith("schemes.teachers.")):
+        raise RecipeError(f"{where}.pretrained: only a teacher can skip training. A student or peer built by an "
+                          "hf: (or your own) factory already starts from the weights it loads; remove pretrained.")
+    if section.checkpoint:
+        raise RecipeError(f"{where}: give pretrained: true or a checkpoint, not both (the checkpoint's weights would "
+                          "replace the pretrained ones).")
+    if section.model in MODELS:
+        raise RecipeError(f"{where}.pretrained: '{section.model}' is a distil zoo model, built with random weights; "
+                          "train it (remove pretrained), load a checkpoint, or name a model whose factory loads "
+                          "weights (hf:/path/to/model, or package.module:factory).")
 
 
 def build_terms(specs: list[dict[str, Any]], num_samples: int | None = None) -> list:

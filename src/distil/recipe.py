@@ -72,6 +72,8 @@ class ModelSection(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     model: str = "mlp"
     checkpoint: str | None = None  # load these weights instead of training (teacher only)
+    # use the weights the model's factory loads (an hf: model's own), instead of training (teacher only)
+    pretrained: bool = False
     train: TrainSection = Field(default_factory=TrainSection)
 
     def knobs(self) -> dict[str, Any]:

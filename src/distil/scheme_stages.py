@@ -22,7 +22,7 @@ def stage_teachers(run: Run) -> None:
         teacher = run.build(section, seed_offset=100 + i)
         if section.checkpoint:
             load_weights(teacher, Path(section.checkpoint))
-        else:
+        elif not section.pretrained:
             run.fit(run.task(teacher), run.splits.train, section.train, f"teacher-{name}")
         run.save(teacher, f"teacher-{name}", section)
 

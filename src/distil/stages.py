@@ -1,6 +1,7 @@
 """The stages of a run, each a plain function of a `Run` that reads and writes the run folder.
 
-    teacher  : fit(teacher, CE)             -> teacher.safetensors (or load recipe.teacher.checkpoint)
+    teacher  : fit(teacher, CE)             -> teacher.safetensors (or load recipe.teacher.checkpoint,
+                                              or keep it as built: recipe.teacher.pretrained)
     baseline : fit(student copy, CE)        -> baseline.safetensors (same student, no teacher, same steps)
     distill  : fit(Distiller(...))          -> student.safetensors (+ student.connectors.safetensors)
     compress : prune a source, fine-tune it with the unpruned source as teacher (and, to compare,
@@ -53,7 +54,7 @@ def stage_teacher(run: Run) -> None:
     teacher = run.model("teacher")
     if section.checkpoint:
         load_weights(teacher, Path(section.checkpoint))
-    else:
+    elif not section.pretrained:  # pretrained: as the factory built it (an hf: model's own weights)
         run.fit(run.task(teacher), run.splits.train, section.train, "teacher")
     run.save(teacher, "teacher", "teacher")
 
