@@ -134,7 +134,7 @@ def test_speed_of_a_slow_model_stops_at_the_budget_with_the_least_runs():
                                         budget=0.05)
     # warm-up: 2 (its budget is a third); latency: 5 (the least, the budget spent); throughput: 1 + 3
     assert calls == {"one": 2 + 5, "big": 1 + 3}
-    assert 20 <= latency < 40 and 8 / 0.04 < throughput <= 8 / 0.02
+    assert latency >= 20 and throughput <= 8 / 0.02  # a sleep lasts at least its time (longer on a busy machine)
 
 
 def test_speed_of_a_fast_model_takes_every_run_asked_for():

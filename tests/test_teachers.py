@@ -343,15 +343,61 @@ def test_a_distiller_runs_the_folded_teacher_with_the_unfolded_loss():
     assert all(p.dtype == torch.float64 for p in folded._runners["teacher"].parameters())
 
 
-def test_a_teacher_whose_outputs_are_all_cached_is_never_run_nor_copied():
+def test_a_teacher_whose_outputs_are_all_cached_is_never_run_nor_copied(tmp_path):
+    from distil.cache import TeacherCache
+
     x, y = blobs(32)
     teacher = bn_teacher()
-    distiller = Distiller(mlp(0), teacher, [KD(T=2, weight=0.7), CE(weight=0.3)])
-    cached = Split(x, y, {"teacher": torch.randn(32, 3)})
-    calls = []
-    teacher.register_forward_hook(lambda *_: calls.append(1))
-    fit(distiller, cached, None, TrainConfig(epochs=1, batch_size=16, lr=0.01))
-    assert calls == [] and distiller._runners == {}
+    with torch.no_grad():
+        unfolded = teacher(x)
+    first = Distiller(mlp(0), teacher, [KD(T=2, weight=0.7), CE(weight=0.3)])
+    built = first.with_teacher_logits(Split(x, y), batch_size=8, cache=TeacherCache(tmp_path))
+    assert torch.allclose(built.teacher_logits["teacher"], unfolded, atol=1e-5)  # computed by the folded copy
+    assert first._runners == {}  # used for the cache, not kept
+    second = Distiller(mlp(0), teacher, [KD(T=2, weight=0.7), CE(weight=0.3)])
+    rows = []
+    teacher.register_forward_hook(lambda m, inputs, out: rows.append(len(inputs[0])))
+    cached = second.with_teacher_logits(Split(x, y), batch_size=8, cache=TeacherCache(tmp_path))
+    assert second.cache_events["teacher"]["status"] == "reused" and rows == [1]  # one sample, for the shapes
+    fit(second, cached, None, TrainConfig(epochs=1, batch_size=16, lr=0.01))
+    assert rows == [1] and second._runners == {}
+
+
+def test_a_folded_copy_is_made_again_when_its_teacher_changes_between_fits():
+    x, y = blobs(16)
+    teacher = bn_teacher()
+    distiller = Distiller(mlp(0), teacher, [KD(), CE()])
+    distiller.prepare(Batch(x, y))
+    first = distiller._runners["teacher"]
+    distiller.prepare(Batch(x, y))
+    assert distiller._runners["teacher"] is first  # unchanged teacher: the same copy
+    teacher.load_state_dict(bn_teacher(seed=4).state_dict())
+    distiller.prepare(Batch(x, y))
+    again = distiller._runners["teacher"]
+    assert again is not first and count_norms(again) == 0
+    with torch.no_grad():
+        assert torch.allclose(again(x), teacher(x), atol=1e-5)
+
+
+def test_a_teacher_with_hooks_of_its_own_is_not_folded():
+    from distil.distiller import fold_batchnorm
+
+    teacher = bn_teacher()
+    teacher[1].register_forward_hook(lambda *_: None)
+    assert fold_batchnorm(teacher) is teacher
+
+
+def test_no_tf32_turns_tf32_off_inside_and_restores_it():
+    from distil.distiller import no_tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with no_tf32():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def test_a_tapped_teacher_is_not_folded_and_a_fold_that_disagrees_is_not_used(caplog, monkeypatch):

@@ -8,7 +8,9 @@ its unique name and `loss == sum(parts.values())`. The task owns its validation 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import logging
 import math
 import operator
@@ -160,7 +162,10 @@ class Distiller(nn.Module):
     of the teacher with every BatchNorm folded into the convolution or linear layer before it (`fold_batchnorm`):
     the same outputs to float rounding (checked on the first batch), one operation fewer per pair, about 10%
     off a CNN teacher's forward pass. A teacher whose layers a term taps runs as it is, and so does one
-    that cannot be traced by torch.fx. The copy doubles that teacher's memory; `fold_bn=False` turns it off.
+    that cannot be traced by torch.fx or carries hooks of yours. The copy is made at the teacher's first
+    forward pass (a teacher whose outputs are all cached is never copied) and made again at the next `fit`
+    if the teacher's weights, device or dtype changed; within one `fit`, teachers must not change. It
+    doubles that teacher's memory; `fold_bn=False` (recipe: `distill.fold_bn: false`) turns it off.
     """
 
     def __init__(self, student: nn.Module, teachers: nn.Module | dict[str, nn.Module], terms: list[Term],
@@ -189,6 +194,7 @@ class Distiller(nn.Module):
         # with its BatchNorm folded in. A teacher whose outputs are all cached never runs, and is never copied.
         self._fold_bn, self._compile_runners = fold_bn, False
         self._runners: dict[str, nn.Module] = {}
+        self._built_from: dict[str, tuple] = {}  # each runner's teacher, as it was when the runner was made
         self.num_classes: int | None = None
         self.cache_events: dict[str, dict] = {}
         self._packed: dict[str, int] = {}  # teachers whose cached per-token top-k stay packed: name -> vocabulary
@@ -233,10 +239,11 @@ class Distiller(nn.Module):
         for term in self.terms:
             term.compile()
 
-    def _runner(self, name: str, inputs: torch.Tensor) -> nn.Module:
+    def _runner(self, name: str, inputs: torch.Tensor, keep: bool = True) -> nn.Module:
         """What runs of teacher `name`: at its first forward pass, a copy with its BatchNorm folded in
         (`fold_batchnorm`) if that gives the teacher's outputs on `inputs` to float rounding, else the
-        teacher itself (also when `fold_bn` is off or a term taps its layers)."""
+        teacher itself (also when `fold_bn` is off or a term taps its layers). `keep`: hold it for the steps
+        to come (with_teacher_logits uses one and lets it go)."""
         runner = self._runners.get(name)
         if runner is None:
             runner = teacher = self._teacher_map[name]
@@ -249,13 +256,22 @@ class Distiller(nn.Module):
                                 "running it unfolded", name)
             if self._compile_runners:
                 runner.compile()
-            self._runners[name] = runner
+            if keep:
+                self._runners[name], self._built_from[name] = runner, weights_signature(teacher)
         return runner
+
+    def _drop_stale_runners(self) -> None:
+        """Forget a folded copy whose teacher changed since it was made (new weights, device or dtype): the
+        next forward pass folds the teacher as it is now. Called once per fit, by `prepare`."""
+        for name, teacher in self._teachers:
+            if name in self._runners and self._built_from.get(name) != weights_signature(teacher):
+                del self._runners[name]
 
     def prepare(self, batch: Batch) -> None:
         """Dry-run one batch: check class counts agree and build connectors from feature shapes."""
         was_training = self.training
         self.eval()
+        self._drop_stale_runners()
         with torch.no_grad():
             # the batch's cached teacher outputs, if any, stand in for the teachers here as in training
             views = self._views(Batch(batch.inputs, torch.zeros_like(batch.targets), batch.index,
@@ -306,18 +322,18 @@ class Distiller(nn.Module):
         The logits go under the teacher's name in `Split.teacher_logits`, and the features that feature terms
         read under `feature_key(teacher, layer)` ("teacher/layer3"), all (N, ...) per sample. Exact because
         teachers are frozen in eval mode and the inputs are fixed tensors: never use it with random
-        augmentation. A teacher whose features would take more than `max_feature_mb` for the split still runs
-        each step (`cache_events` says why). With a `cache`, each output is read from (or stored in) it, keyed
-        by the teacher's weights, the inputs and what was computed; `cache_events` then says, per teacher,
-        whether they were reused or built. With `top_k`, only each sample's k largest logits and the rest's
-        total mass are kept (`distil.cache.top_k_pack`); the other classes share that mass equally when the
-        targets are rebuilt.
+        augmentation. A teacher whose features would take the features of all teachers over `max_feature_mb`
+        still runs each step (`cache_events` says why). With a `cache`, each output is read from (or stored in)
+        it, keyed by the teacher's weights, the inputs and what was computed; `cache_events` then says, per
+        teacher, whether they were reused or built. With `top_k`, only each sample's k largest logits and the
+        rest's total mass are kept (`distil.cache.top_k_pack`); the other classes share that mass equally when
+        the targets are rebuilt. The teachers run here (on a cache miss) as in training, BatchNorm folded.
         """
         cached, self.cache_events, self._packed = {}, {}, {}
+        feature_total = 0.0  # MB of features cached so far, over the teachers
         for name in self.needed:
             teacher, taps = self.teachers[name], self.teacher_taps[name]
-            runner = self._runner(name, split.x[:batch_size].to(model_device(teacher)))
-            shapes = output_shapes(runner, taps, split)  # "": (K,), or (T, V) per token; each layer: (C, ...)
+            shapes = output_shapes(teacher, taps, split)  # "": (K,), or (T, V) per token; each layer: (C, ...)
             shape, layers = shapes.pop(""), shapes
             if len(shape) == 2 and top_k is None:  # per-token logits: N * T * V floats, e.g. 2 GB for 2 MB of text
                 self.cache_events[name] = {"status": "online", "top_k": None, "reason": (
@@ -326,16 +342,20 @@ class Distiller(nn.Module):
                     "distill.top_k would store each token's k likeliest, an approximation of the targets")}
                 continue
             feature_mb = len(split) * sum(math.prod(s) for s in layers.values()) * 4 / 2**20
-            if feature_mb > max_feature_mb:
+            if feature_total + feature_mb > max_feature_mb:
                 self.cache_events[name] = {"status": "online", "top_k": top_k, "reason": (
                     f"the features of {', '.join(layers)} for {len(split):,} samples would take {feature_mb:,.0f} MB, "
-                    f"above the {max_feature_mb:,.0f} MB limit (max_feature_mb)")}
+                    f"and the limit for all teachers' features is {max_feature_mb:,.0f} MB "
+                    f"({feature_total:,.0f} taken; distill.max_feature_mb)")}
                 continue
+            feature_total += feature_mb
             classes = shape[-1]
             if top_k is not None and not 1 <= top_k <= classes:
                 raise ConfigError(f"top_k={top_k}: keep between 1 and the {classes} classes of teacher '{name}'")
             pack = (lambda logits: logits) if top_k is None else (lambda logits: top_k_pack(logits, top_k))
-            outputs = _TeacherOutputs(runner, taps, split.x, batch_size, pack)  # computed once, on first read
+            # computed once, at the first read (a cache miss), by the folded copy when there is one
+            outputs = _TeacherOutputs(functools.partial(self._runner, name, keep=False), model_device(teacher), taps,
+                                      split.x, batch_size, pack)
             whats = {"": "logits" if top_k is None else f"top{top_k}", **{t: f"features:{t}" for t in layers}}
             if cache is None:
                 values = {part: outputs[part] for part in whats}
@@ -380,10 +400,14 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     torch.fx cannot trace it."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return model
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return model  # hooks of the user's on its modules would not fire on the traced copy
     from torch.fx.experimental.optimization import fuse
 
     try:
         folded = fuse(model.eval())
+    except torch.cuda.OutOfMemoryError:
+        raise
     except Exception as err:  # untraceable forward (data-dependent control flow, ...): run the model as it is
         log.info("cannot fold the BatchNorm of %s (%s): it runs unfolded", type(model).__name__, err)
         return model
@@ -394,10 +418,29 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def same_outputs(folded: nn.Module, model: nn.Module, inputs: torch.Tensor) -> bool:
-    """Whether `folded` gives `model`'s outputs on `inputs` to float rounding (full precision, no gradients)."""
-    with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
+    """Whether `folded` gives `model`'s outputs on `inputs` to float rounding (full fp32 precision: no autocast
+    and no TF32, whose 10-bit products alone differ by ~1e-3 on a GPU; no gradients)."""
+    with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False), no_tf32():
         a, b = folded(inputs).float(), model(inputs).float()
     return a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-4 * (1 + float(b.abs().max())))
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Plain fp32 matrix products and convolutions on CUDA within the block (TF32 off), then as they were."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def weights_signature(model: nn.Module) -> tuple:
+    """What changes when a model's tensors do: each parameter's and buffer's storage, version counter (bumped by
+    in-place writes such as load_state_dict and optimiser steps), dtype and device."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device)
+                 for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def feature_key(teacher: str, layer: str) -> str:
@@ -415,21 +458,24 @@ def output_shapes(teacher: nn.Module, taps: FeatureTaps, split: Split) -> dict[s
 
 
 class _TeacherOutputs:
-    """A teacher's logits (packed by `pack`) and tapped features on `x`, computed in batches on the teacher's
-    device at the first read, then held on the CPU: `outputs[""]` (N, K), `outputs[layer]` (N, ...)."""
+    """A teacher's logits (packed by `pack`) and tapped features on `x`, computed in batches on `device` at the
+    first read, then held on the CPU: `outputs[""]` (N, K), `outputs[layer]` (N, ...). `model_for(first_batch)`
+    gives the model that computes them (the teacher, or its folded copy)."""
 
-    def __init__(self, teacher: nn.Module, taps: FeatureTaps, x: torch.Tensor, batch_size: int,
-                 pack: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.teacher, self.taps, self.x, self.batch_size, self.pack = teacher, taps, x, batch_size, pack
+    def __init__(self, model_for: Callable[[torch.Tensor], nn.Module], device: torch.device, taps: FeatureTaps,
+                 x: torch.Tensor, batch_size: int, pack: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.model_for, self.device, self.taps, self.x = model_for, device, taps, x
+        self.batch_size, self.pack = batch_size, pack
         self.values: dict[str, torch.Tensor] | None = None
 
     def __getitem__(self, part: str) -> torch.Tensor:
         if self.values is None:
-            device, parts = model_device(self.teacher), {"": [], **{layer: [] for layer in self.taps.modules}}
+            device, parts = self.device, {"": [], **{layer: [] for layer in self.taps.modules}}
             with torch.no_grad():  # not inference_mode: the outputs later enter autograd as targets
+                model = self.model_for(self.x[:self.batch_size].to(device))
                 for i in range(0, len(self.x), self.batch_size):
                     with self.taps:
-                        parts[""].append(self.pack(self.teacher(self.x[i:i + self.batch_size].to(device))).cpu())
+                        parts[""].append(self.pack(model(self.x[i:i + self.batch_size].to(device))).cpu())
                     for layer, features in self.taps.outputs.items():
                         parts[layer].append(features.cpu())
             self.values = {name: torch.cat(chunks) for name, chunks in parts.items()}

@@ -133,10 +133,11 @@ def file_sizes(path: Path) -> dict:
 def evaluate_model(model: nn.Module, test: Split, checkpoint: Path, teacher_pred: torch.Tensor | None = None,
                    latency_runs: int = 50, throughput_batch: int = 256, device: torch.device | None = None) -> dict:
     """Metrics of a PyTorch model: classification (its predictions on `device`, default where the model
-    is), size, MACs, and PyTorch speed on the CPU (where an edge model runs)."""
+    is), size, MACs, and PyTorch speed on the CPU (where an edge model runs). The model ends where it was."""
+    where = model_device(model)
     logits = predict_logits(model.to(device) if device is not None else model, test.x)
-    model.cpu()
-    latency, throughput = torch_speed(model, test.x, latency_runs, throughput_batch)
+    latency, throughput = torch_speed(model.cpu(), test.x, latency_runs, throughput_batch)
+    model.to(where)
     return {**classification_metrics(logits, test.y, teacher_pred),
             "params": count_params(model), "macs": count_macs(model, test.x[:1]), **file_sizes(checkpoint),
             "latency_ms_b1": latency, "throughput_b256": throughput, "runtime": "pytorch",

@@ -90,6 +90,9 @@ class DistillSection(_Section):
     cache_dir: str | None = None  # default $DISTIL_CACHE/teachers
     cache_memory_mb: float = Field(256.0, ge=0)  # entries up to this size are read into memory, larger ones mapped
     top_k: int | None = Field(None, ge=1)  # keep only each sample's k largest teacher logits (and the rest's mass)
+    # teacher features (for feature terms) are cached up to this many MB for all teachers together
+    max_feature_mb: float = Field(2048.0, ge=0)
+    fold_bn: bool = True  # run frozen teachers with their BatchNorm folded into the layer before (same outputs)
     # language models: the fraction of steps on which the student writes its own continuation of the first
     # prompt_tokens of each block and learns from the teacher's scores of it (on-policy, GKD's lambda)
     on_policy: float = Field(0.0, ge=0, le=1)

@@ -114,7 +114,7 @@ class Run:
         extra = {n: models[f"teacher '{n}' (schemes.teachers)"] for n in s.teachers}
         teachers = {"teacher": models["teacher"], **extra} if extra else models["teacher"]
         try:
-            distiller = Distiller(models["student"], teachers, self.terms(), scoring=self.scoring)
+            distiller = Distiller(models["student"], teachers, self.terms(), scoring=self.scoring, fold_bn=False)
         except RecipeError:
             raise
         except ConfigError as err:
@@ -138,7 +138,7 @@ class Run:
             pairs.append(("teacher -> born-again-1", self.build(self.recipe.teacher).eval(), models["teacher"]))
         for link, student, teacher in pairs:
             try:
-                Distiller(student, teacher, self.one_teacher_terms()).prepare(batch)
+                Distiller(student, teacher, self.one_teacher_terms(), fold_bn=False).prepare(batch)
             except DistilError as err:
                 raise type(err)(f"the link {link} of the schemes cannot use the recipe's terms: {err}") from err
 
@@ -202,7 +202,8 @@ class Run:
         terms that read the recipe's other teachers by name are left out (Hinton's KD + CE if none is left).
         """
         terms = self.one_teacher_terms() if isinstance(teacher, nn.Module) else self.terms()
-        distiller = Distiller(student, teacher, terms, scoring=self.scoring).to(self.device)
+        distiller = Distiller(student, teacher, terms, scoring=self.scoring,
+                              fold_bn=self.recipe.distill.fold_bn).to(self.device)
         train = self.distill_train()
         if isinstance(train, Split) and not self.augment:
             d = self.recipe.distill
@@ -210,7 +211,7 @@ class Run:
             group = distributed.Group() if self.alone else self.group  # export's QAT: rank 0 alone, no barrier
             if cache is not None and not group.main:
                 distributed.barrier(group)  # rank 0 builds the cache entry; the others then read it
-            train = distiller.with_teacher_logits(train, cache=cache, top_k=d.top_k)
+            train = distiller.with_teacher_logits(train, cache=cache, top_k=d.top_k, max_feature_mb=d.max_feature_mb)
             if cache is not None and group.main:
                 distributed.barrier(group)
             for teacher_name, event in distiller.cache_events.items():

@@ -144,34 +144,35 @@ class Sweep:
         else:
             for stage in stages:
                 stage.run(run)
-            how = f"loaded from {self.recipe.teacher.checkpoint}" if self.recipe.teacher.checkpoint else \
-                f"trained ({self.recipe.teacher.train.epochs} epochs)"
+            t = self.recipe.teacher
+            how = f"loaded from {t.checkpoint}" if t.checkpoint else "kept as loaded (pretrained)" if t.pretrained \
+                else f"trained ({t.train.epochs} epochs)"
             self.say(f"teacher: {how} -> {run.path('teacher.safetensors')}, once for every trial")
         status = "reused" if done else "trained"
         run.log_event({"stage": "sweep", "event": "sweep_teacher", "status": status, "file": "teacher.safetensors"})
         return status
 
     def train_data(self) -> Split:
-        """The distillation set with the teacher's logits, computed once for every trial (through the teacher
-        cache when the recipe keeps it). Feature terms still run the teacher at each step for its features."""
+        """The distillation set with the teacher's logits (and the features that feature terms read), computed
+        once for every trial (through the teacher cache when the recipe keeps it)."""
         if self._train is None:
             run, d = self.run, self.recipe.distill
             data = run.distill_train()
             if isinstance(data, Split) and not run.augment:
                 cache = TeacherCache(d.cache_dir, d.cache_memory_mb) if d.cache else None
                 probe = Distiller(run.model("student"), self.teachers, run.terms()).to(run.device)
-                data = probe.with_teacher_logits(data, cache=cache, top_k=d.top_k)
+                data = probe.with_teacher_logits(data, cache=cache, top_k=d.top_k, max_feature_mb=d.max_feature_mb)
                 for name, event in probe.cache_events.items():
                     run.log_event({"stage": "sweep", "event": "teacher_cache", "teacher": name, **event,
-                                   "folder": str(cache.folder)})
+                                   "folder": str(cache.folder) if cache is not None else None})
                 if data.teacher_logits and "teacher" in data.teacher_logits:
                     cached = f" (teacher cache: {probe.cache_events['teacher']['status']})" \
                         if "teacher" in probe.cache_events else ""
                     self.say(f"teacher logits on the {len(data):,} distillation samples computed once{cached}, shared "
                              "by every trial")
             if not (isinstance(data, Split) and data.teacher_logits):
-                self.say("the teacher runs at every step of every trial: a term reads its features, or the data is "
-                         "augmented or not in memory")
+                self.say("the teacher runs at every step of every trial: the data is augmented or not in memory, "
+                         "or its outputs are too large to keep (see log.jsonl)")
             self._train = data
         return self._train
 
@@ -192,7 +193,8 @@ class Sweep:
         run = self.run
         train = self.train_data()
         student = run.model("student")
-        distiller = Distiller(student, self.teachers, build_terms(terms, num_samples=len(train))).to(run.device)
+        distiller = Distiller(student, self.teachers, build_terms(terms, num_samples=len(train)),
+                              fold_bn=self.recipe.distill.fold_bn).to(run.device)
         run.on_epoch = on_epoch
         try:
             result = run.fit(distiller, train, self.recipe.student.train, name)
