@@ -9,9 +9,9 @@ import torch
 from torch.nn import functional as F
 
 from distil.errors import ConfigError, ModelError, ShapeError
-from distil.losses import CE, JSD, KD, LOSSES, RKL, TVD, SkewKL, Views, ce_loss, kd_loss
+from distil.losses import CE, JSD, KD, LOSSES, RKL, TVD, SkewKL, SkewRKL, Views, ce_loss, kd_loss
 from distil.losses.core import UNLABELED, Outputs
-from distil.losses.token import jsd_loss, reverse_kl_loss, skew_kl_loss, token_kl, tvd_loss
+from distil.losses.token import jsd_loss, reverse_kl_loss, skew_kl_loss, skew_rkl_loss, token_kl, tvd_loss
 
 # one sequence (B = 1) of two tokens (T = 2) over a vocabulary of V = 3
 STUDENT = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
@@ -45,6 +45,7 @@ FUNCTIONS = {
     "rkl": reverse_kl_loss,
     "jsd": lambda s, t, mask=None, T=1.0, chunk=128: jsd_loss(s, t, mask, T, 0.3, chunk),
     "skew_kl": lambda s, t, mask=None, T=1.0, chunk=128: skew_kl_loss(s, t, mask, T, 0.2, chunk),
+    "skew_rkl": lambda s, t, mask=None, T=1.0, chunk=128: skew_rkl_loss(s, t, mask, T, 0.2, chunk),
     "tvd": tvd_loss,
 }
 
@@ -98,6 +99,17 @@ def test_skew_kl_by_hand_and_its_alpha_zero_end_is_forward_kl():
     no_skew = by_hand(lambda ps, pt: kl(pt, ps), T)  # no T^2 factor here
     assert float(skew_kl_loss(logits(STUDENT), logits(TEACHER), None, T, 0.0)) == pytest.approx(no_skew, rel=1e-12)
     assert expected < no_skew  # the teacher's share in the mixture pulls it towards the teacher
+
+
+def test_skew_reverse_kl_by_hand_and_its_alpha_zero_end_is_reverse_kl():
+    T, alpha = 2.0, 0.1
+    expected = by_hand(lambda ps, pt: kl(ps, mix(alpha, ps, pt)), T)  # KL(p_s || alpha p_s + (1 - alpha) p_t)
+    got = float(skew_rkl_loss(logits(STUDENT), logits(TEACHER), None, T, alpha))
+    assert got == pytest.approx(expected, rel=1e-12)
+    no_skew = by_hand(lambda ps, pt: kl(ps, pt), T)  # reverse KL, no T^2 factor
+    assert float(skew_rkl_loss(logits(STUDENT), logits(TEACHER), None, T, 0.0)) == pytest.approx(no_skew, rel=1e-12)
+    assert expected < no_skew
+    assert got != pytest.approx(float(skew_kl_loss(logits(STUDENT), logits(TEACHER), None, T, alpha)), rel=1e-3)
 
 
 def test_total_variation_by_hand():
@@ -226,7 +238,8 @@ def lm_views(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor
 
 
 TERMS = {"kd": lambda: KD(T=2.0, chunk=2), "rkl": lambda: RKL(T=2.0, chunk=2), "jsd": lambda: JSD(0.3, T=2.0, chunk=2),
-         "skew_kl": lambda: SkewKL(0.2, T=2.0, chunk=2), "tvd": lambda: TVD(T=2.0, chunk=2)}
+         "skew_kl": lambda: SkewKL(0.2, T=2.0, chunk=2), "skew_rkl": lambda: SkewRKL(0.2, T=2.0, chunk=2),
+         "tvd": lambda: TVD(T=2.0, chunk=2)}
 
 
 @pytest.mark.parametrize("kind", sorted(TERMS))
@@ -303,6 +316,8 @@ def test_term_arguments_are_checked_with_a_hint():
         JSD(beta=1.0)
     with pytest.raises(ConfigError, match=r"skew_kl: alpha .* must be in \[0, 1\)"):
         SkewKL(alpha=1.0)
+    with pytest.raises(ConfigError, match=r"skew_rkl: alpha \(the student's share of the mixture\) must be in"):
+        SkewRKL(alpha=1.5)
     with pytest.raises(ConfigError, match=r"jsd: beta must be in \(0, 1\)"):  # the pure functions check too
         jsd_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), beta=0.0)
     with pytest.raises(ConfigError, match=r"skew_kl: alpha"):
@@ -319,4 +334,4 @@ def test_term_arguments_are_checked_with_a_hint():
 
 
 def test_the_token_kinds_are_registered():
-    assert {"rkl": RKL, "jsd": JSD, "skew_kl": SkewKL, "tvd": TVD}.items() <= LOSSES.items()
+    assert {"rkl": RKL, "jsd": JSD, "skew_kl": SkewKL, "skew_rkl": SkewRKL, "tvd": TVD}.items() <= LOSSES.items()

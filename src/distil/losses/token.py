@@ -105,10 +105,10 @@ def check_beta(beta: float) -> float:
     return float(beta)
 
 
-def check_alpha(alpha: float) -> float:
-    """The skew KL's alpha, the teacher's share of the mixture: 0 <= alpha < 1 (at 1 the divergence is 0)."""
+def check_alpha(alpha: float, kind: str = "skew_kl", share: str = "the teacher's") -> float:
+    """A skew KL's alpha, `share` of the mixture: 0 <= alpha < 1 (at 1 the divergence is 0)."""
     if not _is_number(alpha) or not 0 <= alpha < 1:
-        raise ConfigError(f"skew_kl: alpha (the teacher's share of the mixture) must be in [0, 1), got {alpha!r}; "
+        raise ConfigError(f"{kind}: alpha ({share} share of the mixture) must be in [0, 1), got {alpha!r}; "
                           "at alpha = 1 the divergence is 0 (the paper uses 0.1)")
     return float(alpha)
 
@@ -175,8 +175,8 @@ def skew_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
     """Skew forward KL per token: `KL(p_t || alpha * p_t + (1 - alpha) * p_s)`, p = softmax(logits / T).
 
     Ko, Kim, Chen & Yun 2024, "DistiLLM: Towards Streamlined Distillation for Large Language Models" (ICML),
-    its SKL (the forward direction: the teacher against a mixture leaning on the student; the paper's other
-    one, skew reverse KL, is not here). alpha = 0 is forward KL; as alpha grows the mixture keeps a share of
+    its SKL (the forward direction: the teacher against a mixture leaning on the student; the reverse one is
+    `skew_rkl_loss`). alpha = 0 is forward KL; as alpha grows the mixture keeps a share of
     the teacher, so the divergence stays bounded by log(1 / alpha) and its gradient stays finite where the
     student puts almost no mass. The paper's default is alpha = 0.1. No T^2 factor. The official code
     (jongwooko/distillm, distillm/losses.py) sums only -p_t log m, which is this KL plus the teacher's entropy
@@ -188,6 +188,25 @@ def skew_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
         if alpha == 0:
             return _kl(teacher_log_p, student_log_p)
         return _kl(teacher_log_p, _log_mix(teacher_log_p, student_log_p, alpha))
+
+    return chunked_token_mean(divergence, student_logits, teacher_logits, mask, T, chunk)
+
+
+def skew_rkl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
+                  T: float = 1.0, alpha: float = 0.1, chunk: int = CHUNK) -> torch.Tensor:
+    """Skew reverse KL per token: `KL(p_s || alpha * p_s + (1 - alpha) * p_t)`, p = softmax(logits / T).
+
+    DistiLLM's SRKL (Ko et al. 2024; `skewed_reverse_kl` in jongwooko/distillm, distillm/losses.py, with lam =
+    alpha: there the mixture is (1 - lam) * p_t + lam * p_s, the same). alpha = 0 is reverse KL (mode-seeking);
+    the student's own share in the mixture keeps the divergence below log(1 / alpha) where the teacher puts
+    almost no mass. The paper's default is alpha = 0.1. No T^2 factor. Shapes as `token_kl`.
+    """
+    check_alpha(alpha, "skew_rkl", "the student's")
+
+    def divergence(student_log_p: torch.Tensor, teacher_log_p: torch.Tensor) -> torch.Tensor:
+        if alpha == 0:
+            return _kl(student_log_p, teacher_log_p)
+        return _kl(student_log_p, _log_mix(student_log_p, teacher_log_p, alpha))
 
     return chunked_token_mean(divergence, student_logits, teacher_logits, mask, T, chunk)
 
@@ -301,6 +320,33 @@ class SkewKL(nn.Module):
     def forward(self, views: Views) -> torch.Tensor:
         student_logits, teacher_logits, mask = _logits_and_mask(views, self.teacher, "skew_kl")
         return skew_kl_loss(student_logits, teacher_logits, mask, self.T, self.alpha, self.chunk)
+
+
+class SkewRKL(nn.Module):
+    """Skew reverse KL per token `weight * KL(p_s || alpha * p_s + (1 - alpha) * p_t)` (DistiLLM's SRKL, Ko et
+    al. 2024; see `skew_rkl_loss`).
+
+    0 <= alpha < 1 (0 = reverse KL without T^2); the paper's default 0.1. Averaged over the tokens of
+    `token_mask`, `chunk` positions at a time; `teacher` None = the only teacher.
+    """
+
+    def __init__(self, alpha: float = 0.1, T: float = 1.0, weight: float = 1.0, teacher: str | None = None,
+                 chunk: int = CHUNK) -> None:
+        super().__init__()
+        self.alpha, self.T = check_alpha(alpha, "skew_rkl", "the student's"), _check_temperature(T, "skew_rkl")
+        self.weight = check_weight(weight, "skew_rkl")
+        self.teacher, self.chunk = teacher, check_chunk(chunk, "skew_rkl")
+        self.name = "skew_rkl" if teacher is None else f"skew_rkl:{teacher}"
+
+    def reads(self) -> Reads:
+        return Reads(needs_teacher=True, teacher=self.teacher)
+
+    def build(self, views: Views) -> None:
+        pass
+
+    def forward(self, views: Views) -> torch.Tensor:
+        student_logits, teacher_logits, mask = _logits_and_mask(views, self.teacher, "skew_rkl")
+        return skew_rkl_loss(student_logits, teacher_logits, mask, self.T, self.alpha, self.chunk)
 
 
 class TVD(nn.Module):
