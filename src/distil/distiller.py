@@ -83,7 +83,7 @@ class Scoring:
 
 TOP1 = Scoring("acc", True, top1_score)
 BITS_PER_BYTE = Scoring("bpb", False, bits_score)  # byte-level language models: lower is better
-FEATURE_CACHE_MB = 2048.0  # teacher features larger than this for a split are not precomputed
+FEATURE_CACHE_MB = 2048.0  # MB of teacher features (all teachers together) precomputed for a split, at most
 
 
 def scoring_for(task: str) -> Scoring:
