@@ -195,12 +195,12 @@ def run_methods(seeds: int = 3, quick: bool = False, out: Path = Path("docs/meth
         runs = [run_setting(setting, seed, quick, log) for seed in range(seeds)]
         tables.append(_table(setting, runs))
     command = f"distil experiment methods --seeds {seeds}" + (" --quick" if quick else "")
-    minutes = (time.perf_counter() - start) / 60
+    minutes, threads = (time.perf_counter() - start) / 60, torch.get_num_threads()
     page = [f"# Methods compared: `{command}`", "",
-            f"Written by `{command}` ({minutes:.0f} min on {torch.get_num_threads()} CPU threads). Test accuracy, "
-            f"mean +- standard deviation over {seeds} seed(s) (the seed sets the split, the initialisation and the "
-            "batch order); time per epoch relative to `kd` on the same data (kd reads cached teacher logits; terms "
-            "that read features run the teacher at every step).", "", *tables]
+            f"Written by `{command}` ({minutes:.0f} min on {threads} CPU thread{'s' if threads > 1 else ''}). Test "
+            f"accuracy, mean +- standard deviation over {seeds} seed(s) (the seed sets the split, the initialisation "
+            "and the batch order); time per epoch relative to `kd` on the same data (the teacher's logits, and the "
+            "features that feature and relation terms read, are computed once and cached).", "", *tables]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(page) + "\n")
     return out
