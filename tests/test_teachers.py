@@ -414,3 +414,46 @@ def test_a_tapped_teacher_is_not_folded_and_a_fold_that_disagrees_is_not_used(ca
         distiller.prepare(Batch(x, y))
     assert distiller._runners["teacher"] is teacher
     assert "running it unfolded" in caplog.text
+
+
+def resnet_teacher(name: str = "resnet8") -> nn.Module:
+    """A CIFAR ResNet of the zoo with trained-looking BatchNorm statistics, in eval mode."""
+    from distil.models import build_model
+
+    torch.manual_seed(0)
+    teacher = build_model(name, (3, 32, 32), 10)
+    with torch.no_grad():
+        for m in teacher.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return teacher.eval()
+
+
+def test_the_zoo_resnets_fold_through_their_residual_blocks():
+    from distil.distiller import fold_batchnorm
+
+    teacher, x = resnet_teacher(), torch.randn(8, 3, 32, 32)
+    folded = fold_batchnorm(teacher)
+    assert count_norms(folded) == 0 and count_norms(teacher) > 0  # the shortcut's BatchNorm too
+    with torch.no_grad():
+        assert torch.allclose(folded(x), teacher(x), atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_a_resnet_teacher_is_folded_on_the_gpu_with_tf32_on():
+    """On a GPU, fp32 convolutions run in TF32 by default; the fold's check must still accept the fold."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        teacher = resnet_teacher().cuda()
+        student = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).cuda()
+        distiller = Distiller(student, teacher, [KD(T=4, weight=0.9), CE(weight=0.1)])
+        x, y = torch.randn(64, 3, 32, 32, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
+        distiller.prepare(Batch(x, y))
+        runner = distiller._runners["teacher"]
+        assert runner is not teacher and count_norms(runner) == 0
+        assert torch.backends.cudnn.allow_tf32  # the check turned TF32 off for itself only
+        assert distiller(Batch(x, y)).loss.isfinite()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
