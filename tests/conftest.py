@@ -6,9 +6,12 @@ import copy
 
 import pytest
 import torch
+import yaml
 from torch import nn
+from typer.testing import CliRunner
 
 from distil import ClassificationTask
+from distil.cli import app
 from distil.data import Split
 
 TINY = {
@@ -164,3 +167,24 @@ def hand_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """-log softmax(z)[y], mean over the batch."""
     p = hand_softmax(logits)
     return -torch.log(p[torch.arange(len(targets)), targets]).mean()
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def write_recipe(tmp_path, recipe: dict) -> str:
+    """`recipe` written as YAML to tmp_path/recipe.yaml; its path."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def fails_cleanly(args: list[str], match: str) -> str:
+    """Run `distil ARGS`: it must exit 2 with no traceback and a message holding `match`; its output."""
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert match in " ".join(result.output.split()), result.output
+    return result.output

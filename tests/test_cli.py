@@ -4,27 +4,10 @@ import textwrap
 
 import numpy as np
 import pytest
-import yaml
-from typer.testing import CliRunner
 
+from conftest import fails_cleanly, runner, write_recipe
 from distil.cli import app
 from distil.errors import DistilError
-
-runner = CliRunner()
-
-
-def write_recipe(tmp_path, recipe: dict) -> str:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
-
-
-def fails_cleanly(args: list[str], match: str) -> str:
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert match in " ".join(result.output.split()), result.output
-    return result.output
 
 
 @pytest.mark.parametrize("what,expected", [("methods", ["kd", "ce", "fitnet", "at"]),

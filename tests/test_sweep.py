@@ -4,14 +4,12 @@ import json
 import sys
 
 import pytest
-import yaml
-from typer.testing import CliRunner
 
+from conftest import fails_cleanly, runner, write_recipe
 from distil.build import load_recipe
 from distil.cli import app
 from distil.sweep import own_values, search_space, terms_for
 
-runner = CliRunner()
 DIGITS_TERMS = [{"kind": "kd", "T": 4, "weight": 0.9}, {"kind": "ce", "weight": 0.1},
                 {"kind": "fitnet", "student": "layer2", "teacher": "layer2", "weight": 1.0}]
 
@@ -42,19 +40,6 @@ def test_a_recipe_without_ce_gets_one_weighted_1_minus_alpha_and_its_own_T_widen
     assert [p.name for p in space] == ["T", "alpha"] and space[0].high == 30 and space[1].own == 1.0
     assert terms_for(terms, space, {"T": 3.0, "alpha": 0.75}) == [{"kind": "kd", "T": 3.0, "weight": 0.75},
                                                                     {"kind": "ce", "weight": 0.25}]
-
-
-def write_recipe(tmp_path, recipe: dict) -> str:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
-
-
-def fails_cleanly(args: list[str], match: str) -> None:
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert match in " ".join(result.output.split()), result.output
 
 
 def test_a_recipe_with_no_kd_term_exits_2_naming_the_field(tmp_path, tiny_recipe):

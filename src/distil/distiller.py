@@ -190,6 +190,9 @@ class Distiller(nn.Module):
         ensembles = [_resolve_ensemble(r.ensemble, teachers) for r in reads if r.ensemble is not None]
         read = set(self._term_teacher).union(*ensembles)
         self.needed = [name for name in teachers if name in read]  # teachers run each step
+        # where each teacher's cached features of each tapped layer sit in a batch: layer -> "teacher/layer"
+        self._feature_keys = {name: {layer: feature_key(name, layer) for layer in taps.modules}
+                              for name, taps in self.teacher_taps.items()}
         self._teacher_map = MappingProxyType(dict(teachers))  # read at every step; not registered either
         # what runs of each teacher, chosen at its first forward pass (`_runner`): the teacher itself, or a copy
         # with its BatchNorm folded in. A teacher whose outputs are all cached never runs, and is never copied.
@@ -298,9 +301,8 @@ class Distiller(nn.Module):
             outputs = {STUDENT: Outputs(self.student(batch.inputs), self.student_taps.outputs)}
         teachers = self._teacher_map
         for name in self.needed:
-            taps = self.teacher_taps[name]
-            stored = batch.teacher_logits
-            if name in stored and all(feature_key(name, layer) in stored for layer in taps.modules):
+            taps, keys, stored = self.teacher_taps[name], self._feature_keys[name], batch.teacher_logits
+            if name in stored and all(key in stored for key in keys.values()):
                 logits = stored[name]
                 if name in self._packed:  # per-token top-k, stored packed: (B, T, 2k+1) -> (B, T, V)
                     logits = top_k_unpack(logits, self._packed[name])
@@ -310,7 +312,7 @@ class Distiller(nn.Module):
                         f"student's vocabulary {outputs[STUDENT].logits.shape[-1]}: they are top-k logits packed by "
                         "another Distiller's with_teacher_logits. Call with_teacher_logits on this Distiller (with a "
                         "TeacherCache the logits are read back, not recomputed).")
-                outputs[name] = Outputs(logits, {layer: stored[feature_key(name, layer)] for layer in taps.modules})
+                outputs[name] = Outputs(logits, {layer: stored[key] for layer, key in keys.items()})
                 continue
             with torch.no_grad(), taps:
                 outputs[name] = Outputs(self._runner(name, batch.inputs)(batch.inputs), taps.outputs)

@@ -20,6 +20,7 @@ import torch
 from distil.build import build_terms, load_recipe
 from distil.data import load_splits
 from distil.distiller import BITS_PER_BYTE, ClassificationTask, Distiller
+from distil.experiments.common import mean_std
 from distil.lm import bits_per_byte
 from distil.models import build_model, count_params
 from distil.onpolicy import OnPolicyDistiller
@@ -99,9 +100,7 @@ def _page(recipe, runs: list[dict], command: str, minutes: float, quick: bool) -
              "relative to forward KL.", "",
              "| model | test bits/byte | vs baseline | epoch time vs kd | parameters |", "|---|---|---|---|---|"]
     for name in runs[0]:
-        values = [r[name][0] for r in runs]
-        mean = statistics.mean(values)
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        mean, spread = mean_std([r[name][0] for r in runs])
         rel = statistics.mean(r[name][1] for r in runs) / kd_seconds
         lines.append(f"| {name} | {mean:.3f} +- {spread:.3f} | {mean - base:+.3f} | {rel:.1f}x | "
                      f"{runs[0][name][2]:,} |")

@@ -24,6 +24,7 @@ from distil.build import build_terms
 from distil.data import Splits, load_splits
 from distil.distiller import ClassificationTask, Distiller
 from distil.evaluate import accuracy
+from distil.experiments.common import mean_std
 from distil.models import build_model
 from distil.recipe import TrainConfig
 from distil.schemes import EMASelfDistiller, MutualLearning
@@ -213,9 +214,7 @@ def _table(setting: Setting, runs: list[dict[str, tuple[float, float]]]) -> str:
     lines = [f"## {setting.name}: {setting.teacher['model']} teacher, {setting.student['model']} student", "",
              "| method | test accuracy | vs baseline | epoch time vs kd | what |", "|---|---|---|---|---|"]
     for name in names:
-        accs = [r[name][0] for r in runs]
-        mean = statistics.mean(accs)
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        mean, std = mean_std([r[name][0] for r in runs])
         rel = statistics.mean(r[name][1] for r in runs) / kd_seconds
         lines.append(f"| {name} | {mean:.3f} +- {std:.3f} | {(mean - base) * 100:+.1f} pt | {rel:.1f}x | "
                      f"{NOTES.get(name, '')} |")

@@ -304,12 +304,14 @@ class SkewKL(nn.Module):
     paper's skew, not the `kd`/`ce` split of Hinton's loss.
     """
 
+    kind, share, loss = "skew_kl", "the teacher's", staticmethod(skew_kl_loss)
+
     def __init__(self, alpha: float = 0.1, T: float = 1.0, weight: float = 1.0, teacher: str | None = None,
                  chunk: int = CHUNK) -> None:
         super().__init__()
-        self.alpha, self.T = check_alpha(alpha), _check_temperature(T, "skew_kl")
-        self.weight, self.teacher, self.chunk = check_weight(weight, "skew_kl"), teacher, check_chunk(chunk, "skew_kl")
-        self.name = "skew_kl" if teacher is None else f"skew_kl:{teacher}"
+        self.alpha, self.T = check_alpha(alpha, self.kind, self.share), _check_temperature(T, self.kind)
+        self.weight, self.teacher, self.chunk = check_weight(weight, self.kind), teacher, check_chunk(chunk, self.kind)
+        self.name = self.kind if teacher is None else f"{self.kind}:{teacher}"
 
     def reads(self) -> Reads:
         return Reads(needs_teacher=True, teacher=self.teacher)
@@ -318,35 +320,16 @@ class SkewKL(nn.Module):
         pass
 
     def forward(self, views: Views) -> torch.Tensor:
-        student_logits, teacher_logits, mask = _logits_and_mask(views, self.teacher, "skew_kl")
-        return skew_kl_loss(student_logits, teacher_logits, mask, self.T, self.alpha, self.chunk)
+        student_logits, teacher_logits, mask = _logits_and_mask(views, self.teacher, self.kind)
+        return self.loss(student_logits, teacher_logits, mask, self.T, self.alpha, self.chunk)
 
 
-class SkewRKL(nn.Module):
+class SkewRKL(SkewKL):
     """Skew reverse KL per token `weight * KL(p_s || alpha * p_s + (1 - alpha) * p_t)` (DistiLLM's SRKL, Ko et
-    al. 2024; see `skew_rkl_loss`).
+    al. 2024; see `skew_rkl_loss`). Arguments as `SkewKL`; here alpha is the student's share (0 = reverse KL
+    without T^2)."""
 
-    0 <= alpha < 1 (0 = reverse KL without T^2); the paper's default 0.1. Averaged over the tokens of
-    `token_mask`, `chunk` positions at a time; `teacher` None = the only teacher.
-    """
-
-    def __init__(self, alpha: float = 0.1, T: float = 1.0, weight: float = 1.0, teacher: str | None = None,
-                 chunk: int = CHUNK) -> None:
-        super().__init__()
-        self.alpha, self.T = check_alpha(alpha, "skew_rkl", "the student's"), _check_temperature(T, "skew_rkl")
-        self.weight = check_weight(weight, "skew_rkl")
-        self.teacher, self.chunk = teacher, check_chunk(chunk, "skew_rkl")
-        self.name = "skew_rkl" if teacher is None else f"skew_rkl:{teacher}"
-
-    def reads(self) -> Reads:
-        return Reads(needs_teacher=True, teacher=self.teacher)
-
-    def build(self, views: Views) -> None:
-        pass
-
-    def forward(self, views: Views) -> torch.Tensor:
-        student_logits, teacher_logits, mask = _logits_and_mask(views, self.teacher, "skew_rkl")
-        return skew_rkl_loss(student_logits, teacher_logits, mask, self.T, self.alpha, self.chunk)
+    kind, share, loss = "skew_rkl", "the student's", staticmethod(skew_rkl_loss)
 
 
 class TVD(nn.Module):
