@@ -6,8 +6,9 @@
 # Needs distil's dependencies importable by $PY (default python3); torchdistill too for the peers row.
 # Each part has its own time limit and writes under $OUT, so one that fails or overruns leaves the rest:
 #   gpu.txt         the GPU, driver and torch build
-#   tests.txt       the CUDA-marked tests and the device tests
+#   tests.txt       the whole test suite (tests.log in full): the CUDA-marked tests on the GPU, the rest on the CPU
 #   throughput.txt  benchmarks/throughput.py on the GPU (the demo pair, 4 rows)
+#   fold.txt        benchmarks/fold.py on the GPU (teachers with their BatchNorm folded in, against unfolded)
 #   demo.txt        the demo recipe end to end on the GPU (`distil run recipes/mnist1d.yaml --device cuda`)
 #   cifar.txt       recipes/cifar100.yaml for 1 epoch per stage on a generated CIFAR-100 of the real size
 #                   (50,000 + 10,000 random 32x32 images in the official binary format): epoch times, kd then dkd
@@ -18,7 +19,7 @@ PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 export DISTIL_CACHE=${DISTIL_CACHE:-/tmp/distil-cache}
-PARTS=${*:-tests throughput demo cifar peers}
+PARTS=${*:-tests throughput fold demo cifar peers}
 part() { echo "== $1 ($(date +%T))"; [[ " $PARTS " == *" $1 "* ]]; }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -26,12 +27,16 @@ part() { echo "== $1 ($(date +%T))"; [[ " $PARTS " == *" $1 "* ]]; }
   nproc; } 2>&1 | tee "$OUT/gpu.txt"
 
 if part tests; then
-timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_teachers.py tests/test_augment.py \
-  tests/test_report.py 2>&1 | tail -12 | tee "$OUT/tests.txt"
+timeout 240 $PY -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning -rfE tests > "$OUT/tests.log" 2>&1
+tail -25 "$OUT/tests.log" | tee "$OUT/tests.txt"
 fi
 
 if part throughput; then
 timeout 150 $PY benchmarks/throughput.py --device cuda --rounds 3 2>&1 | tee "$OUT/throughput.txt"
+fi
+
+if part fold; then
+timeout 90 $PY benchmarks/fold.py --device cuda 2>&1 | tee "$OUT/fold.txt"
 fi
 
 if part demo; then

@@ -40,12 +40,34 @@ def _isolate(monkeypatch, tmp_path):
 # --- added with tests/test_batches.py, test_device.py, test_teachers.py, test_images.py ---------------------
 
 
+# Tests run on the CPU, where their reference runs are, also on a machine with a GPU: `device: auto` resolves to
+# the CPU (in module-scoped fixtures too) and child processes (--nproc, torchrun) see no GPU. Only the tests marked
+# `cuda` see the GPU.
+_CUDA_AVAILABLE = torch.cuda.is_available
+_GPU_VISIBLE = [False]
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped where torch.cuda.is_available() is False)")
+    torch.cuda.is_available = lambda: _GPU_VISIBLE[0] and _CUDA_AVAILABLE()
+    import distil.device
+
+    distil.device._mps_available = lambda: False
+
+
+@pytest.fixture(autouse=True)
+def _gpu_only_when_marked_cuda(request, monkeypatch):
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        yield
+        return
+    _GPU_VISIBLE[0] = True
+    yield
+    _GPU_VISIBLE[0] = False
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if _CUDA_AVAILABLE():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
     for item in items:

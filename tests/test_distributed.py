@@ -48,7 +48,8 @@ SCRIPT = textwrap.dedent('''
 
 def test_two_gloo_processes_train_the_same_student_as_one(tmp_path, monkeypatch):
     (tmp_path / "job.py").write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))  # keep the caller's too
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(tmp_path / "job.py"), str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
                           timeout=300)
