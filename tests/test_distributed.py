@@ -15,6 +15,7 @@ SCRIPT = textwrap.dedent('''
     from torch import nn
     from distil import CE, KD, ClassificationTask, Distiller, Split, TrainConfig, fit
     from distil.checkpoint import save_tensors
+    from distil.losses import CC, DIST, PKT, RKD, SP
 
     def blobs(n=192):
         g = torch.Generator().manual_seed(0)
@@ -25,18 +26,26 @@ SCRIPT = textwrap.dedent('''
         torch.manual_seed(seed)
         return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
 
-    def train(out):
+    def terms(kind):
+        if kind == "kd":
+            return [KD(T=2, weight=0.7), CE(weight=0.3)]
+        # terms over the batch: each process computes them on every process's rows, as one process would
+        return [CE(weight=0.3), RKD(student="1", teacher="1", weight=1.0), SP(student="1", teacher="1", weight=30.0),
+                CC(student="1", teacher="1", weight=1.0), PKT(student="1", teacher="1", weight=300.0),
+                DIST(weight=1.0)]
+
+    def train(out, kind="kd"):
         torch.set_num_threads(1)
         cfg = TrainConfig(epochs=3, batch_size=32, lr=0.02)
         teacher = mlp(1)
         fit(ClassificationTask(teacher), blobs(), blobs(60), cfg, device="cpu", checkpoint_dir=out, name="t")
         student = mlp(0)
-        distiller = Distiller(student, teacher, [KD(T=2, weight=0.7), CE(weight=0.3)])
+        distiller = Distiller(student, teacher, terms(kind))
         result = fit(distiller, blobs(), blobs(60), cfg, device="cpu", checkpoint_dir=out, name="s")
         return teacher, student, result
 
     if __name__ == "__main__":
-        teacher, student, result = train(sys.argv[1])
+        teacher, student, result = train(sys.argv[1], sys.argv[2])
         import torch.distributed as dist
         if dist.get_rank() == 0:
             save_tensors(sys.argv[1] + "/ranks.safetensors",
@@ -46,20 +55,21 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_two_gloo_processes_train_the_same_student_as_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["kd", "relation"])
+def test_two_gloo_processes_train_the_same_student_as_one(tmp_path, monkeypatch, kind):
     (tmp_path / "job.py").write_text(SCRIPT)
     path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))  # keep the caller's too
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(tmp_path / "job.py"), str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
-                          timeout=300)
+                           str(tmp_path / "job.py"), str(tmp_path / "ddp"), kind], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     two, meta = load_tensors(tmp_path / "ddp" / "ranks.safetensors")
 
     monkeypatch.syspath_prepend(str(tmp_path))
     import job
 
-    teacher, student, result = job.train(str(tmp_path / "one"))
+    teacher, student, result = job.train(str(tmp_path / "one"), kind)
     one = {**{"t." + k: v for k, v in teacher.state_dict().items()},
            **{"s." + k: v for k, v in student.state_dict().items()}}
     for name, value in one.items():
@@ -67,7 +77,8 @@ def test_two_gloo_processes_train_the_same_student_as_one(tmp_path, monkeypatch)
     # the logged parts and validation accuracy are reduced over both processes: they match the one-process run
     for mine, theirs in zip(result.history, meta["history"]):
         assert mine["val_acc"] == pytest.approx(theirs["val_acc"])
-        assert mine["parts"]["kd"] == pytest.approx(theirs["parts"]["kd"], rel=1e-4)
+        for part in mine["parts"]:
+            assert mine["parts"][part] == pytest.approx(theirs["parts"][part], rel=1e-4), part
     written = {p.name for p in (tmp_path / "ddp").iterdir()}  # rank 0's checkpoints only, no duplicates
     assert written == {p.name for p in (tmp_path / "one").iterdir()} | {"ranks.safetensors"}
 

@@ -91,3 +91,31 @@ def wrap(task, device: torch.device, here: Group):
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(Step(task), device_ids=ids)
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """Every training process's `tensor`, concatenated along dim 0 in rank order (`tensor` itself outside a
+    process group of several). Each process's share must have the same shape (training batches do).
+
+    Differentiable: each process gets back the gradient of its own rows, summed over the processes. Every process
+    computes the same loss from the gathered rows, so the sum is N times the gradient of one loss, and DDP's mean
+    over the N processes brings it back to exactly the gradient of that loss on the whole batch.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    return _Gather.apply(tensor)
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rows, ctx.rank = tensor.shape[0], dist.get_rank()
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()  # an all-reduce, not a reduce-scatter: gloo has no reduce-scatter
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from distil.connectors import build_connector
+from distil.distributed import gathered
 from distil.errors import ConfigError, ShapeError
 from distil.losses.core import Reads, Views, check_weight
 
@@ -51,6 +52,9 @@ class FeaturePairs(nn.Module):
     `pair_loss(student_feat, teacher_feat, pair_index)` and, where it needs one, `make_connector`."""
 
     kind = "feature"
+    # the loss compares the samples of a batch with each other (relation terms): under several training
+    # processes it is computed over every process's rows (`distributed.gathered`), as one process would
+    over_batch = False
 
     def __init__(self, student: str | list[str], teacher: str | list[str], weight: float,
                  teacher_name: str | None) -> None:
@@ -107,7 +111,10 @@ class FeaturePairs(nn.Module):
         raise NotImplementedError
 
     def forward(self, views: Views) -> torch.Tensor:
-        losses = [self.pair_loss(self.connectors[i](s), t, i) for i, (s, t) in enumerate(self.pairs(views))]
+        pairs = [(self.connectors[i](s), t) for i, (s, t) in enumerate(self.pairs(views))]
+        if self.over_batch and self.training:
+            pairs = [(gathered(s), gathered(t)) for s, t in pairs]
+        losses = [self.pair_loss(s, t, i) for i, (s, t) in enumerate(pairs)]
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
 

@@ -60,6 +60,7 @@ class PKT(FeaturePairs):
     """
 
     kind = "pkt"
+    over_batch = True
 
     def __init__(self, student: str | list[str], teacher: str | list[str], weight: float = 30000.0,
                  eps: float = 1e-7, teacher_name: str | None = None) -> None:

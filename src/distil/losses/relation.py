@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from distil.distributed import gathered
 from distil.errors import ConfigError
 from distil.losses.core import Views
 from distil.losses.feature import FeaturePairs
@@ -153,6 +154,7 @@ class RKD(FeaturePairs):
     """
 
     kind = "rkd"
+    over_batch = True
 
     def __init__(self, student: str | list[str], teacher: str | list[str], distance: float = 25.0,
                  angle: float = 50.0, weight: float = 1.0, teacher_name: str | None = None) -> None:
@@ -175,6 +177,7 @@ class SP(FeaturePairs):
     """
 
     kind = "sp"
+    over_batch = True
 
     def __init__(self, student: str | list[str], teacher: str | list[str], weight: float = 3000.0,
                  teacher_name: str | None = None) -> None:
@@ -200,6 +203,7 @@ class CC(FeaturePairs):
     """
 
     kind = "cc"
+    over_batch = True
 
     def __init__(self, student: str | list[str], teacher: str | list[str], gamma: float = 0.4, order: int = 2,
                  weight: float = 1.0, teacher_name: str | None = None) -> None:
@@ -298,7 +302,7 @@ class CRD(FeaturePairs):
     def _remember(self, index: torch.Tensor, student_embed: torch.Tensor, teacher_embed: torch.Tensor) -> None:
         """Update the banks at this batch's rows; under several processes, at every process's rows, so that the
         banks stay the same everywhere (DDP would otherwise broadcast rank 0's, missing the others' rows)."""
-        index, student_embed, teacher_embed = (_gathered(t) for t in (index, student_embed, teacher_embed))
+        index, student_embed, teacher_embed = (gathered(t) for t in (index, student_embed, teacher_embed))
         for memory, embed in ((self.student_memory, student_embed), (self.teacher_memory, teacher_embed)):
             mixed = memory.index_select(0, index) * self.momentum + embed.to(memory.dtype) * (1 - self.momentum)
             memory.index_copy_(0, index, F.normalize(mixed, dim=1))
@@ -337,14 +341,3 @@ def _check_index(index: torch.Tensor | None, num_samples: int, at_build: bool = 
                               f"of num_samples={num_samples} rows: num_samples must be the training set size "
                               "(len of the training data), and indices 0..num_samples-1.")
     return index
-
-
-def _gathered(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor of every training process, concatenated (itself with one process). Shares are equal in size."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from distil.distributed import gathered
 from distil.errors import ConfigError, ModelError, ShapeError
 from distil.losses.core import UNLABELED, Reads, Views, check_weight, kd_loss
 
@@ -190,4 +191,6 @@ class DIST(nn.Module):
 
     def forward(self, views: Views) -> torch.Tensor:
         student_logits, teacher_logits = _teacher_logits(views, self.teacher, "dist")
+        if self.training:  # the intra-class relation is over the batch: every process's rows (see FeaturePairs)
+            student_logits, teacher_logits = gathered(student_logits), gathered(teacher_logits)
         return dist_loss(student_logits, teacher_logits, self.beta, self.gamma, self.T)
