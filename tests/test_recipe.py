@@ -194,3 +194,23 @@ def test_a_users_own_term_and_source_bind_to_their_signatures(tmp_path, monkeypa
 
     splits = load_splits("mine:blobs", {"n": 60})
     assert splits.num_classes == 3 and splits.input_shape == (4,)
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"student": {"model": "mlp", "checkpoint": "s.safetensors"}},
+     r"student.checkpoint: only a teacher loads weights instead of training"),
+    ({"schemes": {"assistants": [{"model": "mlp", "checkpoint": "a.safetensors"}]}},
+     r"schemes.assistants\[0\].checkpoint: only a teacher"),
+    ({"schemes": {"mutual": [{"model": "mlp"}, {"model": "mlp", "train": {"lr": 0.5}}]}},
+     r"schemes.mutual\[1\].train: the peers learn together with a fresh student, in one loop under student.train"),
+])
+def test_fields_a_run_would_ignore_are_refused_naming_them(section, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(section)
+
+
+def test_a_written_out_recipe_with_mutual_peers_loads_again(tmp_path):
+    recipe = load_recipe({"schemes": {"mutual": [{"model": "mlp", "width": 8}]},
+                          "teacher": {"model": "cnn1d", "checkpoint": "t.safetensors"}})
+    (tmp_path / "r.yaml").write_text(dump_recipe(recipe))  # every default written out, the peer's train too
+    assert load_recipe(tmp_path / "r.yaml") == recipe

@@ -40,6 +40,7 @@ def check_references(recipe: Recipe) -> None:
         if section.model in MODELS:
             bind_kwargs(resolve_factory(section.model), section.knobs(), f"{where} (model '{section.model}')")
         check_pretrained(section, where)
+        check_read_fields(section, where)
     for name in s.teachers:
         if name in ("student", "teacher") or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
             raise RecipeError(f"schemes.teachers: '{name}' cannot name a teacher: use letters, digits, '_' and '-', "
@@ -61,12 +62,30 @@ def check_references(recipe: Recipe) -> None:
     augment_and_normalize(recipe.data.augment)
 
 
+def check_read_fields(section, where: str) -> None:
+    """Fields that only some models' sections read, refused where they would be ignored: `checkpoint` replaces a
+    teacher's training (a student, assistant or peer is trained by the run), and a mutual peer trains in the
+    student's loop, under `student.train`."""
+    if section.checkpoint and not _is_teacher(where):
+        raise RecipeError(f"{where}.checkpoint: only a teacher loads weights instead of training; {where} is "
+                          "trained by this run, and the weights would be ignored. Remove checkpoint (a model built "
+                          "by an hf: or your own factory starts from the weights that factory loads).")
+    # a written-out recipe holds every default: only a peer's own settings would be ignored
+    if where.startswith("schemes.mutual[") and section.train != type(section.train)():
+        raise RecipeError(f"{where}.train: the peers learn together with a fresh student, in one loop under "
+                          "student.train; remove this section and set the schedule in student.train.")
+
+
+def _is_teacher(where: str) -> bool:
+    return where == "teacher" or where.startswith("schemes.teachers.")
+
+
 def check_pretrained(section, where: str) -> None:
     """`pretrained: true` keeps a teacher as its factory builds it: only for teachers, only for models whose
     factory loads weights (not distil's zoo, whose models start random), and not with a checkpoint as well."""
     if not section.pretrained:
         return
-    if not (where == "teacher" or where.startswith("schemes.teachers.")):
+    if not _is_teacher(where):
         raise RecipeError(f"{where}.pretrained: only a teacher can skip training. A student or peer built by an "
                           "hf: (or your own) factory already starts from the weights it loads; remove pretrained.")
     if section.checkpoint:
