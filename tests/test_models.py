@@ -210,6 +210,6 @@ def test_user_factory_errors(user_module):
 
 
 def test_an_unimportable_user_module_is_a_model_error():
-    with pytest.raises(ModelError, match=r"cannot import module 'distil_no_such_zoo' for model "
-                                         r"'distil_no_such_zoo:f'.*PYTHONPATH"):
+    with pytest.raises(ModelError, match=r"model 'distil_no_such_zoo:f': cannot import module "
+                                         r"'distil_no_such_zoo'.*PYTHONPATH"):
         build_model("distil_no_such_zoo:f", (6,), 3)

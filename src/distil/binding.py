@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ConfigDict, ValidationError, create_model
 
-from distil.errors import RecipeError, did_you_mean
+from distil.errors import DistilError, RecipeError, did_you_mean
 
 
 def bind_kwargs(fn, kwargs: dict[str, Any], where: str) -> dict[str, Any]:
@@ -45,16 +45,17 @@ def bind_kwargs(fn, kwargs: dict[str, Any], where: str) -> dict[str, Any]:
     return {k: getattr(validated, k) for k in kwargs}
 
 
-def import_object(spec: str, where: str) -> Any:
-    """'package.module:name' -> the object, for a user's own loss term or data source; `where` names the field."""
+def import_object(spec: str, where: str, error: type[DistilError] = RecipeError) -> Any:
+    """'package.module:name' -> the object, for a user's own loss term, data source or model factory; `where`
+    names the field or the model, `error` is the error raised when that fails."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise RecipeError(f"{where}: '{spec}' must look like 'package.module:name'")
+        raise error(f"{where}: '{spec}' must look like 'package.module:name'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise RecipeError(f"{where}: cannot import module '{module_name}' ({err}). Is it on PYTHONPATH (run from "
-                          "its folder, or pip install it)?") from None
+        raise error(f"{where}: cannot import module '{module_name}' ({err}). Is it on PYTHONPATH (run from its "
+                    "folder, or pip install it)?") from None
     if not hasattr(module, attr):
-        raise RecipeError(f"{where}: module '{module_name}' has no '{attr}'." + did_you_mean(attr, dir(module)))
+        raise error(f"{where}: module '{module_name}' has no '{attr}'." + did_you_mean(attr, dir(module)))
     return getattr(module, attr)

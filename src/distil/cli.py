@@ -124,16 +124,12 @@ def _launch(nproc: int, recipe: Path | None, run_dir: Path | None, overrides: li
 
     from distil.build import load_recipe
     from distil.recipe import apply_overrides, read_recipe
+    from distil.run import check_batch_sizes
 
     try:
         source = recipe or DEFAULT_RECIPE
         loaded = load_recipe(apply_overrides(read_recipe(source), list(overrides)), where=str(source))
-        for role in ("teacher", "student"):
-            size = getattr(loaded, role).train.batch_size
-            if size % nproc:
-                raise DistilError(f"{role}.train.batch_size {size} must be divisible by --nproc {nproc}: each "
-                                  f"process takes an equal share of every batch. Use a multiple of {nproc}, or "
-                                  "another --nproc.")
+        check_batch_sizes(loaded, nproc, f"--nproc {nproc}")
     except DistilError as err:
         _fail(err)
     args = [str(recipe)] if recipe else []

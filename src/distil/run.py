@@ -81,17 +81,7 @@ class Run:
         return {"teacher": self.load("teacher"), **extra} if extra else self.load("teacher")
 
     def check_batch_sizes(self) -> None:
-        """Under several processes every training batch is shared equally: each batch_size must divide by their
-        number (checked before any training)."""
-        r, world = self.recipe, self.group.world
-        sections = {"teacher.train": r.teacher.train, "student.train": r.student.train,
-                    **({"compress.finetune": r.compress.finetune} if r.compress.enabled else {}),
-                    **{f"schemes.teachers.{n}.train": m.train for n, m in r.schemes.teachers.items()},
-                    **{f"schemes.assistants[{i}].train": m.train for i, m in enumerate(r.schemes.assistants)}}
-        for where, section in sections.items():
-            if section.batch_size % world:
-                raise ConfigError(f"{where}.batch_size {section.batch_size} must be divisible by the {world} training "
-                                  f"processes: each takes an equal share of every batch. Use a multiple of {world}.")
+        check_batch_sizes(self.recipe, self.group.world, f"the {self.group.world} training processes")
 
     def check_models(self) -> None:
         """Fail before any training if a model's output does not fit the data, or a loss term its models."""
@@ -268,3 +258,16 @@ def _reads_only_the_teacher(reads: Reads) -> bool:
     """True for a term that reads no teacher, or the one named "teacher" (the name a single teacher gets)."""
     ensemble_ok = reads.ensemble is None or set(reads.ensemble) <= {"teacher"}
     return reads.teacher in (None, "teacher") and ensemble_ok
+
+
+def check_batch_sizes(recipe: Recipe, world: int, processes: str) -> None:
+    """Under several processes every training batch is shared equally: each batch_size of a stage that trains
+    must divide by their number (checked before any training, and by `distil run --nproc` before launching)."""
+    sections = {"teacher.train": recipe.teacher.train, "student.train": recipe.student.train,
+                **({"compress.finetune": recipe.compress.finetune} if recipe.compress.enabled else {}),
+                **{f"schemes.teachers.{n}.train": m.train for n, m in recipe.schemes.teachers.items()},
+                **{f"schemes.assistants[{i}].train": m.train for i, m in enumerate(recipe.schemes.assistants)}}
+    for where, section in sections.items():
+        if section.batch_size % world:
+            raise ConfigError(f"{where}.batch_size {section.batch_size} must be divisible by {processes}: each "
+                              f"process takes an equal share of every batch. Use a multiple of {world}.")

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from distil.binding import import_object
 from distil.errors import ModelError, did_you_mean
 from distil.models.hf import hf_factory
 from distil.models.zoo import MODELS
@@ -25,15 +26,7 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
     if name.startswith(("timm:", "torchvision:")):
         return _hub_factory(*name.split(":", 1))
     if ":" in name:
-        module_name, attr = name.split(":", 1)
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise ModelError(f"cannot import module '{module_name}' for model '{name}': {err}. "
-                             "Is it on PYTHONPATH (run from its folder, or pip install it)?") from err
-        if not hasattr(module, attr):
-            raise ModelError(f"module '{module_name}' has no '{attr}'." + did_you_mean(attr, dir(module)))
-        return getattr(module, attr)
+        return import_object(name, f"model '{name}'", ModelError)
     raise ModelError(f"unknown model '{name}'." + did_you_mean(name, MODELS)
                      + " Or give your own as 'package.module:factory'.")
 
