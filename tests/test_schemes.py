@@ -96,6 +96,49 @@ def test_mutual_learning_loss_by_hand_and_gradients_reach_every_network():
     assert all(m.bias.grad is not None and m.bias.grad.abs().sum() > 0 for m in task.models.values())
 
 
+class TokenLM(nn.Module):
+    """A language model in miniature: tokens (B, T) -> next-token logits (B, T, V)."""
+
+    def __init__(self, seed: int, vocab: int = 7) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed, self.head = nn.Embedding(vocab, 6), nn.Linear(6, vocab)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens))
+
+
+def token_kl_by_hand(student: torch.Tensor, teacher: torch.Tensor, real: torch.Tensor, T: float) -> float:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)) per token, mean over the real tokens, by hand."""
+    p, q = hand_softmax(teacher[real] / T), hand_softmax(student[real] / T)
+    return (T * T * (p * (p.log() - q.log())).sum(1).mean()).item()
+
+
+def test_mutual_learning_and_ema_on_a_language_model_count_real_tokens_and_score_bits():
+    from distil.distiller import BITS_PER_BYTE, bits_score
+
+    torch.manual_seed(0)
+    tokens, targets = torch.randint(0, 7, (3, 5)), torch.randint(0, 7, (3, 5))
+    targets[0, :2] = targets[2, 4] = -1  # prompt and padding: no target, no loss
+    real, batch = targets != -1, Batch(tokens, targets)
+    a, b = TokenLM(0), TokenLM(1)
+    task = MutualLearning({"student": a, "peer": b}, T=2.0, scoring=BITS_PER_BYTE).eval()
+    out = task(batch)
+    za, zb = a(tokens).detach(), b(tokens).detach()
+    assert out.parts["kl:student"].item() == pytest.approx(token_kl_by_hand(za, zb, real, 2.0), rel=1e-5)
+    assert out.parts["ce:peer"].item() == pytest.approx(hand_ce(zb[real], targets[real]).item(), rel=1e-5)
+    assert task.metric == "bpb" and not task.higher_is_better
+    assert [v.item() for v in task.score(batch)] == pytest.approx([v.item() for v in bits_score(za, targets)])
+
+    ema = EMASelfDistiller(TokenLM(2), decay=0.5, warmup=0, scoring=BITS_PER_BYTE).eval()
+    with torch.no_grad():
+        for p in ema.model.parameters():
+            p.add_(1.0)  # the model moves away from its average, which teaches it
+    out = ema(batch)
+    expected = token_kl_by_hand(ema.model(tokens).detach(), ema.ema(tokens), real, ema.T)
+    assert out.parts["kd:ema"].item() == pytest.approx(expected, rel=1e-4)
+
+
 def test_mutual_learning_needs_two_separate_networks_of_one_class_count():
     net = mlp(0)
     with pytest.raises(ConfigError, match="at least two networks"):

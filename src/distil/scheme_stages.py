@@ -56,7 +56,8 @@ def stage_mutual(run: Run) -> None:
     s = run.recipe.schemes
     models = {"student": run.model("student")}
     models.update({f"peer-{i}": run.build(section, seed_offset=i) for i, section in enumerate(s.mutual, start=1)})
-    run.fit(MutualLearning(models, T=s.mutual_T), run.distill_train(), run.recipe.student.train, "mutual")
+    task = MutualLearning(models, T=s.mutual_T, scoring=run.scoring)
+    run.fit(task, run.distill_train(), run.recipe.student.train, "mutual")
     for i, section in enumerate(s.mutual, start=1):
         run.save(models[f"peer-{i}"], f"peer-{i}-dml", section)
     run.save(models["student"], "student-dml", "student")
@@ -66,7 +67,7 @@ def stage_ema(run: Run) -> None:
     """A fresh student taught online by an exponential moving average of its own weights (the mean teacher), on
     the same data as the distilled student: the soft term needs no labels."""
     student = run.model("student")
-    task = EMASelfDistiller(student, decay=run.recipe.schemes.ema_decay)
+    task = EMASelfDistiller(student, decay=run.recipe.schemes.ema_decay, scoring=run.scoring)
     run.fit(task, run.distill_train(), run.recipe.student.train, "ema")
     run.save(student, "student-ema", "student")
 

@@ -17,9 +17,17 @@ import torch
 from torch import nn
 
 from distil.batches import Batch, Progress
-from distil.distiller import StepOutput, check_class_targets, top1_score
+from distil.distiller import TOP1, Scoring, StepOutput, check_class_targets
 from distil.errors import ConfigError, ModelError
-from distil.losses import ce_loss, kd_loss
+from distil.losses import UNLABELED, ce_loss, kd_loss
+
+
+def soft_mask(logits: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+    """Where a soft (KL) term counts: the batch's mask when it has one, else the positions with a target for
+    language-model logits (B, T, V) (not padding, not prompt), else every sample (None), labelled or not."""
+    if batch.mask is not None or logits.dim() != 3:
+        return batch.mask
+    return batch.targets != UNLABELED
 
 
 class MutualLearning(nn.Module):
@@ -31,12 +39,12 @@ class MutualLearning(nn.Module):
     and the step minimises sum_i loss_i. The paper updates the networks in turn; here all update together, each
     against the others' predictions of the same step, detached (the usual implementation: one forward pass each).
     The first network is the one scored and saved as the student; `parts` logs `ce:<name>` and `kl:<name>`.
+    Language models (logits (B, T, V)): CE and KL per token, over the tokens with a target; `scoring` gives the
+    validation metric (top-1 by default, bits per byte for a language model).
     """
 
-    metric, higher_is_better = "acc", True
-
     def __init__(self, models: dict[str, nn.Module], T: float = 1.0, ce_weight: float = 1.0,
-                 kl_weight: float = 1.0) -> None:
+                 kl_weight: float = 1.0, scoring: Scoring = TOP1) -> None:
         super().__init__()
         if len(models) < 2:
             raise ConfigError(f"mutual learning needs at least two networks, got {len(models)}")
@@ -46,6 +54,7 @@ class MutualLearning(nn.Module):
             raise ConfigError(f"mutual learning temperature T must be > 0, got {T}")
         self.models = nn.ModuleDict(models)
         self.T, self.ce_weight, self.kl_weight = T, ce_weight, kl_weight
+        self.scoring, self.metric, self.higher_is_better = scoring, scoring.metric, scoring.higher_is_better
         self.num_classes: int | None = None
 
     @property
@@ -68,15 +77,16 @@ class MutualLearning(nn.Module):
 
     def forward(self, batch: Batch, progress: Progress | None = None) -> StepOutput:
         logits = {name: model(batch.inputs) for name, model in self.models.items()}
+        mask = soft_mask(next(iter(logits.values())), batch)
         parts = {}
         for name, own in logits.items():
             others = [z.detach() for other, z in logits.items() if other != name]
-            parts[f"ce:{name}"] = self.ce_weight * ce_loss(own, batch.targets)
-            parts[f"kl:{name}"] = self.kl_weight * sum(kd_loss(own, z, self.T) for z in others) / len(others)
+            parts[f"ce:{name}"] = self.ce_weight * ce_loss(own, batch.targets, mask=batch.mask)
+            parts[f"kl:{name}"] = self.kl_weight * sum(kd_loss(own, z, self.T, mask) for z in others) / len(others)
         return StepOutput(sum(parts.values()), parts, next(iter(logits.values())))
 
     def score(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return top1_score(self.student(batch.inputs), batch.targets)
+        return self.scoring.fn(self.student(batch.inputs), batch.targets)
 
     def trainable_module(self) -> nn.Module:
         return self
@@ -94,19 +104,19 @@ class EMASelfDistiller(nn.Module):
 
     r(t) = min(1, (epoch + 1) / warmup) ramps the soft term in while the average is still close to the random
     initialisation. The EMA copy is part of the state (so a resumed run continues it) but never trains.
-    The mean-teacher idea (Tarvainen & Valpola 2017) used as a teacher for distillation.
+    The mean-teacher idea (Tarvainen & Valpola 2017) used as a teacher for distillation. Language models: CE and
+    KL per token, as `MutualLearning`; `scoring` gives the validation metric.
     """
 
-    metric, higher_is_better = "acc", True
-
     def __init__(self, model: nn.Module, decay: float = 0.99, T: float = 4.0, ce_weight: float = 1.0,
-                 kd_weight: float = 1.0, warmup: int = 5) -> None:
+                 kd_weight: float = 1.0, warmup: int = 5, scoring: Scoring = TOP1) -> None:
         super().__init__()
         if not 0 < decay < 1:
             raise ConfigError(f"ema decay must be in (0, 1), got {decay}")
         self.model = model
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.decay, self.T, self.ce_weight, self.kd_weight, self.warmup = decay, T, ce_weight, kd_weight, warmup
+        self.scoring, self.metric, self.higher_is_better = scoring, scoring.metric, scoring.higher_is_better
         self.num_classes: int | None = None
 
     def train(self, mode: bool = True) -> EMASelfDistiller:
@@ -140,12 +150,12 @@ class EMASelfDistiller(nn.Module):
         logits = self.model(batch.inputs)
         with torch.no_grad():
             teacher_logits = self.ema(batch.inputs)
-        parts = {"ce": self.ce_weight * ce_loss(logits, batch.targets),
-                 "kd:ema": self.kd_weight * ramp * kd_loss(logits, teacher_logits, self.T)}
+        parts = {"ce": self.ce_weight * ce_loss(logits, batch.targets, mask=batch.mask),
+                 "kd:ema": self.kd_weight * ramp * kd_loss(logits, teacher_logits, self.T, soft_mask(logits, batch))}
         return StepOutput(parts["ce"] + parts["kd:ema"], parts, logits)
 
     def score(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return top1_score(self.model(batch.inputs), batch.targets)
+        return self.scoring.fn(self.model(batch.inputs), batch.targets)
 
     def trainable_module(self) -> nn.Module:
         return self
