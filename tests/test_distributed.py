@@ -149,3 +149,49 @@ def test_crd_memory_banks_hold_every_processs_rows(tmp_path):
     memory = load_tensors(tmp_path / "bank.safetensors")[0]["memory"]
     updated = (memory.norm(dim=1) - 1).abs() < 1e-5  # updated rows are unit vectors, initial ones are not
     assert int(updated.sum()) == 64  # both processes' rows, not only rank 0's 32
+
+
+ALONE_JOB = textwrap.dedent('''
+    import datetime, torch, torch.distributed as dist
+    from torch import nn
+    from distil import CE, Distiller, Split, TrainConfig, fit
+    from distil.distributed import Group
+    from distil.losses import DIST, RKD
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))  # a hang fails in 20 s
+    if dist.get_rank() == 0:  # rank 0 trains alone, as the export stage's fine-tune does, with the group up
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(64, 4, generator=g), torch.arange(64) % 3
+        torch.manual_seed(0)
+        student = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        teacher = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        terms = [CE(), RKD(student="1", teacher="1"), DIST()]
+        fit(Distiller(student, teacher, terms), Split(x, y), None, TrainConfig(epochs=1, batch_size=32), device="cpu",
+            group=Group())
+    dist.barrier()
+''')
+
+
+def test_terms_over_the_batch_gather_nothing_when_one_process_trains_alone(tmp_path):
+    """Relation terms gather over the processes that the running fit trains on, not over whatever group is up:
+    rank 0 training alone must not wait for the others' rows."""
+    (tmp_path / "alone.py").write_text(ALONE_JOB)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(tmp_path / "alone.py")], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_batch_sizes_are_checked_for_the_stages_that_train_only():
+    from distil.build import load_recipe
+    from distil.errors import ConfigError
+    from distil.run import check_batch_sizes
+
+    sizes = {"teacher": {"model": "cnn1d", "train": {"batch_size": 64}}, "student": {"train": {"batch_size": 96}}}
+    with pytest.raises(ConfigError, match=r"teacher.train.batch_size 64 must be divisible by --nproc 3"):
+        check_batch_sizes(load_recipe(sizes), 3, "--nproc 3")
+    sizes["teacher"]["checkpoint"] = "t.safetensors"  # loaded, not trained: its batch size is never used
+    check_batch_sizes(load_recipe(sizes), 3, "--nproc 3")
+    sizes["compress"] = {"enabled": True, "finetune": {"batch_size": 64}}
+    with pytest.raises(ConfigError, match=r"compress.finetune.batch_size 64 must be divisible by --nproc 3"):
+        check_batch_sizes(load_recipe(sizes), 3, "--nproc 3")

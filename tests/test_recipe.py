@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from distil.build import build_terms, load_recipe
 from distil.errors import DistilError, RecipeError
@@ -212,5 +213,7 @@ def test_fields_a_run_would_ignore_are_refused_naming_them(section, message):
 def test_a_written_out_recipe_with_mutual_peers_loads_again(tmp_path):
     recipe = load_recipe({"schemes": {"mutual": [{"model": "mlp", "width": 8}]},
                           "teacher": {"model": "cnn1d", "checkpoint": "t.safetensors"}})
-    (tmp_path / "r.yaml").write_text(dump_recipe(recipe))  # every default written out, the peer's train too
+    text = dump_recipe(recipe)  # every default written out, but a peer's train, which no stage reads
+    assert "train" not in yaml.safe_load(text)["schemes"]["mutual"][0]
+    (tmp_path / "r.yaml").write_text(text)
     assert load_recipe(tmp_path / "r.yaml") == recipe

@@ -125,3 +125,15 @@ def test_a_recipe_with_no_validation_split_exits_2_naming_the_field(tmp_path, ti
     fails_cleanly(["sweep", write_recipe(tmp_path, tiny_recipe), "--trials", "2", "--run-dir", str(tmp_path / "s")],
                   "data.val_fraction is 0: the sweep ranks trials by validation accuracy")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_language_model_recipe_exits_2_naming_the_task(tmp_path):
+    from test_lm import write_corpus
+
+    recipe = {"name": "tinylm", "data": {"source": "textfolder", "args": {"path": str(write_corpus(tmp_path / "t")),
+                                                                           "block": 16}},
+              "teacher": {"model": "gpt", "width": 16, "depth": 1, "heads": 2},
+              "student": {"model": "gpt", "width": 8, "depth": 1, "heads": 2}}
+    fails_cleanly(["sweep", write_recipe(tmp_path, recipe), "--trials", "2", "--run-dir", str(tmp_path / "s")],
+                  "data.source 'textfolder' gives a language-model task, scored in bits per byte; the sweep ranks "
+                  "trials by validation and test accuracy")

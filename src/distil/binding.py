@@ -55,7 +55,7 @@ def import_object(spec: str, where: str, error: type[DistilError] = RecipeError)
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise error(f"{where}: cannot import module '{module_name}' ({err}). Is it on PYTHONPATH (run from its "
-                    "folder, or pip install it)?") from None
+                    "folder, or pip install it)?") from err
     if not hasattr(module, attr):
         raise error(f"{where}: module '{module_name}' has no '{attr}'." + did_you_mean(attr, dir(module)))
     return getattr(module, attr)

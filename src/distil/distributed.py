@@ -8,7 +8,10 @@ write checkpoints, logs and reports. Teachers are replicated in eval mode and ne
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -93,15 +96,31 @@ def wrap(task, device: torch.device, here: Group):
     return DistributedDataParallel(Step(task), device_ids=ids)
 
 
+_TRAINING: contextvars.ContextVar[Group | None] = contextvars.ContextVar("distil_training_group", default=None)
+
+
+@contextlib.contextmanager
+def training(here: Group) -> Iterator[None]:
+    """Within: `fit` trains across the processes of `here` (`gathered` gathers over them). A `fit` that trains on
+    one process while a group is up (`group=Group()`, e.g. rank 0's export fine-tune) gathers nothing."""
+    token = _TRAINING.set(here)
+    try:
+        yield
+    finally:
+        _TRAINING.reset(token)
+
+
 def gathered(tensor: torch.Tensor) -> torch.Tensor:
-    """Every training process's `tensor`, concatenated along dim 0 in rank order (`tensor` itself outside a
-    process group of several). Each process's share must have the same shape (training batches do).
+    """Every training process's `tensor`, concatenated along dim 0 in rank order (`tensor` itself unless the
+    running `fit` trains on several processes). Each process's share must have the same shape (training batches
+    do: the last, smaller one is dropped).
 
     Differentiable: each process gets back the gradient of its own rows, summed over the processes. Every process
     computes the same loss from the gathered rows, so the sum is N times the gradient of one loss, and DDP's mean
     over the N processes brings it back to exactly the gradient of that loss on the whole batch.
     """
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    here = _TRAINING.get()
+    if here is None or not here.active:
         return tensor
     return _Gather.apply(tensor)
 

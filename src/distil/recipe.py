@@ -247,5 +247,9 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """The resolved recipe, every default written out, as YAML."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    """The resolved recipe, every default written out, as YAML (but a mutual peer's `train`, which no stage
+    reads: the peers train under student.train)."""
+    written = recipe.model_dump(mode="json")
+    for peer in written["schemes"]["mutual"]:
+        del peer["train"]
+    return yaml.safe_dump(written, sort_keys=False)

@@ -263,9 +263,11 @@ def _reads_only_the_teacher(reads: Reads) -> bool:
 def check_batch_sizes(recipe: Recipe, world: int, processes: str) -> None:
     """Under several processes every training batch is shared equally: each batch_size of a stage that trains
     must divide by their number (checked before any training, and by `distil run --nproc` before launching)."""
-    sections = {"teacher.train": recipe.teacher.train, "student.train": recipe.student.train,
+    trained = lambda section: not (section.checkpoint or section.pretrained)  # noqa: E731 (a teacher may load)
+    sections = {**({"teacher.train": recipe.teacher.train} if trained(recipe.teacher) else {}),
+                "student.train": recipe.student.train,
                 **({"compress.finetune": recipe.compress.finetune} if recipe.compress.enabled else {}),
-                **{f"schemes.teachers.{n}.train": m.train for n, m in recipe.schemes.teachers.items()},
+                **{f"schemes.teachers.{n}.train": m.train for n, m in recipe.schemes.teachers.items() if trained(m)},
                 **{f"schemes.assistants[{i}].train": m.train for i, m in enumerate(recipe.schemes.assistants)}}
     for where, section in sections.items():
         if section.batch_size % world:

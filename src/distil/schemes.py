@@ -19,15 +19,8 @@ from torch import nn
 from distil.batches import Batch, Progress
 from distil.distiller import TOP1, Scoring, StepOutput, check_class_targets
 from distil.errors import ConfigError, ModelError
-from distil.losses import UNLABELED, ce_loss, kd_loss
-
-
-def soft_mask(logits: torch.Tensor, batch: Batch) -> torch.Tensor | None:
-    """Where a soft (KL) term counts: the batch's mask when it has one, else the positions with a target for
-    language-model logits (B, T, V) (not padding, not prompt), else every sample (None), labelled or not."""
-    if batch.mask is not None or logits.dim() != 3:
-        return batch.mask
-    return batch.targets != UNLABELED
+from distil.losses import ce_loss, kd_loss
+from distil.losses.core import counted
 
 
 class MutualLearning(nn.Module):
@@ -77,7 +70,7 @@ class MutualLearning(nn.Module):
 
     def forward(self, batch: Batch, progress: Progress | None = None) -> StepOutput:
         logits = {name: model(batch.inputs) for name, model in self.models.items()}
-        mask = soft_mask(next(iter(logits.values())), batch)
+        mask = counted(next(iter(logits.values())), batch.targets, batch.mask)
         parts = {}
         for name, own in logits.items():
             others = [z.detach() for other, z in logits.items() if other != name]
@@ -150,8 +143,9 @@ class EMASelfDistiller(nn.Module):
         logits = self.model(batch.inputs)
         with torch.no_grad():
             teacher_logits = self.ema(batch.inputs)
+        mask = counted(logits, batch.targets, batch.mask)
         parts = {"ce": self.ce_weight * ce_loss(logits, batch.targets, mask=batch.mask),
-                 "kd:ema": self.kd_weight * ramp * kd_loss(logits, teacher_logits, self.T, soft_mask(logits, batch))}
+                 "kd:ema": self.kd_weight * ramp * kd_loss(logits, teacher_logits, self.T, mask)}
         return StepOutput(parts["ce"] + parts["kd:ema"], parts, logits)
 
     def score(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

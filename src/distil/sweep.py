@@ -128,6 +128,10 @@ class Sweep:
                               "Hold out a validation split, e.g. data.val_fraction: 0.1.")
         check_same_recipe(recipe, self.run_dir)
         self.run: Run = open_run(recipe, self.run_dir, on_epoch=on_epoch, on_stage=on_stage)
+        if self.run.splits.task != "classify":
+            raise RecipeError(f"data.source '{recipe.data.source}' gives a language-model task, scored in bits per "
+                              "byte; the sweep ranks trials by validation and test accuracy, so it takes "
+                              "classification recipes only. Compare T and alpha with `distil run --set` instead.")
         self._train: Split | None = None
         self.teacher_status = self.train_teacher()
         self.run.on_stage = None  # the trials say one line each

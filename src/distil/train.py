@@ -94,8 +94,9 @@ def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: in
     val_batches = _batches(val, cfg, env, shuffle=False) if val is not None and len(val) else None
     for epoch in range(len(result.history), 0 if result.stopped_early else cfg.epochs):
         progress = Progress(epoch, epoch * len(batches), len(batches), cfg.epochs)
-        record = {"stage": name, "epoch": epoch + 1,
-                  **_train_epoch(task, batches, optimizer, scheduler, env, progress, last)}
+        with distributed.training(here):  # terms over the batch gather every process's rows (or none)
+            record = {"stage": name, "epoch": epoch + 1,
+                      **_train_epoch(task, batches, optimizer, scheduler, env, progress, last)}
         record[f"val_{task.metric}"] = _validate(task, module, val_batches, env) if val_batches else None
         _update_best(result, record, task, epoch, module, best if here.main else None)
         result.history.append(record)

@@ -158,16 +158,20 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
 
 
 def token_mask(views: Views) -> torch.Tensor | None:
-    """The tokens a term counts: `views.mask` when the batch has one, else the positions with a target
+    """The tokens a term counts in this step's views (see `counted`)."""
+    return counted(views.student.logits, views.targets, views.mask)
+
+
+def counted(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The tokens a soft term counts: `mask` when the batch has one, else the positions with a target
     (`targets != UNLABELED`: not padding, not prompt) for language-model logits (B, T, V); None (every sample
     counts, labelled or not) for logits (B, K)."""
-    if views.mask is not None or views.student.logits.dim() != 3:
-        return views.mask
-    if views.targets.shape != views.student.logits.shape[:2]:
-        raise ShapeError(f"language-model logits {list(views.student.logits.shape)} need targets (B, T) = "
-                         f"{list(views.student.logits.shape[:2])} (-1 = padding or prompt) or a Batch mask; got "
-                         f"targets {list(views.targets.shape)}")
-    return views.targets != UNLABELED
+    if mask is not None or logits.dim() != 3:
+        return mask
+    if targets.shape != logits.shape[:2]:
+        raise ShapeError(f"language-model logits {list(logits.shape)} need targets (B, T) = {list(logits.shape[:2])} "
+                         f"(-1 = padding or prompt) or a Batch mask; got targets {list(targets.shape)}")
+    return targets != UNLABELED
 
 
 # --- terms ----------------------------------------------------------------------------------
