@@ -208,5 +208,5 @@ def fails_cleanly(args: list[str], match: str) -> str:
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    assert match in " ".join(result.output.split()), result.output
+    assert match in " ".join(result.stderr.split()), result.output  # on stderr: `2>err.txt` keeps it
     return result.output

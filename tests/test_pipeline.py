@@ -120,3 +120,11 @@ def test_a_recipe_that_cannot_run_leaves_the_folder_untouched(tmp_path, tiny_rec
     with pytest.raises(ModelError, match="cannot import module 'nozoo'"):
         run_pipeline(load_recipe(tiny_recipe), tmp_path)
     assert all((tmp_path / f).exists() for f in FILES[:3]) and (tmp_path / "recipe.yaml").read_text() == saved
+
+
+@pytest.mark.parametrize("drop,words", [(0.012, "lost 1.2 points"), (-0.003, "gained 0.3 points"),
+                                        (0.0004, "lost nothing")])
+def test_an_accuracy_change_after_quantization_reads_as_a_loss_or_a_gain(drop, words):
+    from distil.stages import _lost
+
+    assert _lost(drop) == words

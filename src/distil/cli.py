@@ -21,6 +21,7 @@ from distil.errors import DistilError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="distil: knowledge distillation and model compression for PyTorch.")
 console = Console(width=None if sys.stdout.isatty() else 160)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # `distil ... 2>err.txt` keeps them
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "mnist1d.yaml"
 _state = {"debug": False}
 
@@ -34,10 +35,14 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 def _fail(err: Exception) -> None:
     if _state["debug"]:
         raise err
-    console.quiet = False  # every process reports its own error
     where = f" (process {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    console.print(f"[bold red]error{where}:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+    errors.print(f"[bold red]error{where}:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _where(recipe: Path, overrides: list[str]) -> str:
+    """How an error names the recipe: its file, and the command line's --set values when there are some."""
+    return f"{recipe} with --set {' '.join(overrides)}" if overrides else str(recipe)
 
 
 class _EpochProgress:
@@ -76,12 +81,12 @@ def _pipeline(recipe: Path | None, run_dir: Path | None, overrides: list[str], f
     try:
         saved = run_dir / "recipe.yaml" if run_dir else None
         source = recipe or (saved if saved and saved.exists() else DEFAULT_RECIPE)
-        loaded = load_recipe(apply_overrides(read_recipe(source), overrides), where=str(source))
+        loaded = load_recipe(apply_overrides(read_recipe(source), overrides), where=_where(source, overrides))
         target = run_dir or Path("runs") / loaded.name
         console.print(f"recipe {source} -> run folder {target}")
         columns = [TextColumn("{task.description:>22}"), BarColumn(bar_width=20), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
-        with Progress(*columns, console=console, transient=False) as progress:
+        with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
             bar = _EpochProgress(progress)
             ran = run_pipeline(loaded, target, force=force, on_epoch=bar.epoch, on_stage=bar.stage, only=only)
         if not ran:
@@ -108,8 +113,7 @@ def run(recipe: Path = RECIPE_ARG, run_dir: Path = RUN_DIR,
     """Run the whole pipeline into a run folder: teacher, baseline, distill, compress and export (when
     the recipe enables them), report.
 
-    Rerunning resumes at the first stage whose output is missing; after a recipe change, it redoes
-    the first stage the change affects and everything after it.
+    A rerun resumes at the first stage whose output is missing; after a recipe change, from the first it affects.
     """
     overrides = overrides + ([f"device={device}"] if device else [])
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -128,7 +132,7 @@ def _launch(nproc: int, recipe: Path | None, run_dir: Path | None, overrides: li
 
     try:
         source = recipe or DEFAULT_RECIPE
-        loaded = load_recipe(apply_overrides(read_recipe(source), list(overrides)), where=str(source))
+        loaded = load_recipe(apply_overrides(read_recipe(source), list(overrides)), where=_where(source, overrides))
         check_batch_sizes(loaded, nproc, f"--nproc {nproc}")
     except DistilError as err:
         _fail(err)
@@ -141,10 +145,14 @@ def _launch(nproc: int, recipe: Path | None, run_dir: Path | None, overrides: li
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     # the processes print progress and errors themselves; the launcher's own failure report only with --debug
     done = subprocess.run(command, env=env, stderr=None if _state["debug"] else subprocess.PIPE, text=True)
-    # the launcher itself always ends a failure with a traceback; a second one is a crash in a process (not an
-    # input error, which the process has printed as one line): show it
-    if done.returncode and done.stderr and done.stderr.count("Traceback (most recent call last)") > 1:
-        print(done.stderr[-6000:], file=sys.stderr)
+    # the launcher itself always ends a failure with a traceback; a second one is a crash in a process: show it.
+    # An input error is one line per process ("error (process N): ..."): show those lines, each once
+    if done.returncode and done.stderr:
+        if done.stderr.count("Traceback (most recent call last)") > 1:
+            print(done.stderr[-6000:], file=sys.stderr)
+        else:
+            lines = [line for line in done.stderr.splitlines() if line.startswith("error")]
+            print("\n".join(dict.fromkeys(lines)), file=sys.stderr)
     if done.returncode:
         raise typer.Exit(2 if done.returncode != 130 else 130)
 
@@ -159,9 +167,9 @@ def sweep(recipe: Path = typer.Argument(..., help="Recipe YAML with a kd term: i
           overrides: list[str] = SET) -> None:
     """Search the KD temperature T, alpha and the other terms' weights with Optuna (TPE, median pruning).
 
-    The teacher trains once into the sweep folder and its logits are shared by every trial. Writes sweep.db (rerun
-    the command to resume), sweep.md (the trials, the best against the recipe's own settings), plots/ and best.yaml,
-    which `distil run` takes.
+    The teacher trains once into the sweep folder, and its logits are shared by every trial.
+
+    Writes sweep.db (rerun to resume), sweep.md (the trials; the best against the recipe), plots/, best.yaml.
     """
     from distil.build import load_recipe
     from distil.recipe import apply_overrides, read_recipe
@@ -171,7 +179,7 @@ def sweep(recipe: Path = typer.Argument(..., help="Recipe YAML with a kd term: i
     try:
         if not _state["debug"]:  # a line per trial says what Optuna's own log would
             import_optuna().logging.set_verbosity(import_optuna().logging.WARNING)
-        loaded = load_recipe(apply_overrides(read_recipe(recipe), overrides), where=str(recipe))
+        loaded = load_recipe(apply_overrides(read_recipe(recipe), overrides), where=_where(recipe, overrides))
         target = run_dir or Path("runs") / f"{loaded.name}-sweep"
         console.print(f"recipe {recipe} -> sweep folder {target}")
         command = " ".join(["distil sweep", str(recipe), f"--trials {trials}", *([f"--epochs {epochs}"] if epochs
@@ -180,7 +188,7 @@ def sweep(recipe: Path = typer.Argument(..., help="Recipe YAML with a kd term: i
         say = lambda line: console.print(escape(line), highlight=False, soft_wrap=True)
         columns = [TextColumn("{task.description:>22}"), BarColumn(bar_width=20), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
-        with Progress(*columns, console=console, transient=False) as progress:
+        with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
             bar = _EpochProgress(progress)
             summary = run_sweep(loaded, target, trials, say, on_epoch=bar.epoch, on_stage=bar.stage, command=command)
     except DistilError as err:

@@ -268,9 +268,9 @@ def report_notes(run: Run) -> list[str]:
     if run.path("export.json").exists():
         for name, info in json.loads(run.path("export.json").read_text()).items():
             if "quantization" in info:
-                qat = (f"; post-training int8 lost {info['val_accuracy_drop'] * 100:.1f} points of validation "
-                       f"accuracy, so it was fine-tuned with fake quantization for {info['qat']['epochs']} epochs, "
-                       f"after which it lost {info['qat']['val_accuracy_drop_after'] * 100:.1f} ("
+                qat = (f"; post-training int8 {_lost(info['val_accuracy_drop'])} of validation accuracy, so "
+                       f"it was fine-tuned with fake quantization for {info['qat']['epochs']} epochs, after which it "
+                       f"{_lost(info['qat']['val_accuracy_drop_after'])} ("
                        + ("kept" if info['qat']['kept'] else "not better: the post-training file is kept") + ")"
                        ) if "qat" in info else ""
                 notes.append(f"{name}: {info['quantization']} int8, top-1 agreement with its fp32 ONNX "
@@ -366,3 +366,10 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in [
           lambda r: [f"{name}-qat" for name in r.export.quantize], lambda r: r.export.enabled),
     Stage("report", stage_report, lambda r: ["plots/", "report.md", "report.html", "metrics.json"], ("report",)),
 ]}
+
+
+def _lost(drop: float) -> str:
+    """An accuracy drop (a fraction; negative: a gain) in words: 'lost 1.2 points', 'gained 0.3 points'."""
+    points = round(drop * 100, 1)
+    return f"lost {points:.1f} points" if points > 0 else f"gained {-points:.1f} points" if points < 0 else \
+        "lost nothing"
