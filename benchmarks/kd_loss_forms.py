@@ -10,7 +10,10 @@ alternated over five rounds (median):
   softce   cross-entropy against the teacher's probabilities at T (computed once) plus their entropy
   fused    one autograd function: forward from log_softmax(s/T), backward (softmax(s/T) - p) T / B
 
-    python benchmarks/kd_loss_forms.py [--rounds 5]
+and with `--compile`, two more: `ce_c` and `kd_c`, the `ce` and `kd` losses through torch.compile (the network
+itself eager), which fuses each loss's small operations into one kernel forward and one backward.
+
+    python benchmarks/kd_loss_forms.py [--rounds 5] [--compile]
 
 Each line gives the epoch and its ratio to `ce`: how much of the cached-KD epoch's cost is the loss itself,
 and whether another form of the same loss is cheaper.
@@ -48,6 +51,18 @@ def student() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10))
 
 
+def hard_loss(s, targets):
+    return F.cross_entropy(s, targets, ignore_index=-1, reduction="sum") / (targets >= 0).sum().clamp(min=1)
+
+
+def kd_plus_hard(s, targets, t):
+    soft = F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="batchmean", log_target=True) * T * T
+    return ALPHA * soft + (1 - ALPHA) * hard_loss(s, targets)
+
+
+COMPILED: dict = {}  # "ce_c", "kd_c": the two losses through torch.compile (with --compile)
+
+
 def epoch(kind: str, x, y, t, t_log_p, t_p, t_neg_entropy) -> None:
     model = student()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -56,9 +71,12 @@ def epoch(kind: str, x, y, t, t_log_p, t_p, t_neg_entropy) -> None:
         idx = order[start:start + B]
         s = model(x.index_select(0, idx))
         targets = y.index_select(0, idx)
-        hard = F.cross_entropy(s, targets, ignore_index=-1, reduction="sum") / (targets >= 0).sum().clamp(min=1)
-        if kind == "ce":
-            loss = hard
+        if kind == "ce_c":
+            loss = COMPILED[kind](s, targets)
+        elif kind == "kd_c":
+            loss = COMPILED[kind](s, targets, t.index_select(0, idx))
+        elif kind == "ce":
+            loss = hard_loss(s, targets)
         else:
             if kind == "kd":
                 soft = F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t.index_select(0, idx) / T, 1),
@@ -71,7 +89,7 @@ def epoch(kind: str, x, y, t, t_log_p, t_p, t_neg_entropy) -> None:
                         + t_neg_entropy.index_select(0, idx).mean()) * (T * T)
             else:
                 soft = FusedKD.apply(s, t_p.index_select(0, idx), t_neg_entropy.index_select(0, idx))
-            loss = ALPHA * soft + (1 - ALPHA) * hard
+            loss = ALPHA * soft + (1 - ALPHA) * hard_loss(s, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -80,6 +98,7 @@ def epoch(kind: str, x, y, t, t_log_p, t_p, t_neg_entropy) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="add the ce and kd losses through torch.compile")
     args = parser.parse_args()
     torch.manual_seed(0)
     x, y, t = torch.randn(N, 1, 40), torch.randint(0, 10, (N,)), torch.randn(N, 10) * 3
@@ -88,7 +107,10 @@ def main() -> None:
     t_p = t_log_p.exp()
     data = (x, y, t, t_log_p, t_p, (t_p * t_log_p).sum(1))
     kinds = ["ce", "kd", "pre", "softce", "fused"]
-    for kind in kinds:  # warm-up
+    if args.compile:
+        COMPILED.update(ce_c=torch.compile(hard_loss, dynamic=False), kd_c=torch.compile(kd_plus_hard, dynamic=False))
+        kinds += list(COMPILED)
+    for kind in kinds:  # warm-up (and compilation)
         epoch(kind, *data)
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for _ in range(args.rounds):
