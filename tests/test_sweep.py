@@ -123,17 +123,29 @@ def test_a_tiny_sweep_writes_its_files_trains_the_teacher_once_and_resumes(tmp_p
 def test_a_recipe_with_no_validation_split_exits_2_naming_the_field(tmp_path, tiny_recipe):
     tiny_recipe["data"]["val_fraction"] = 0
     fails_cleanly(["sweep", write_recipe(tmp_path, tiny_recipe), "--trials", "2", "--run-dir", str(tmp_path / "s")],
-                  "data.val_fraction is 0: the sweep ranks trials by validation accuracy")
+                  "data.val_fraction is 0: the sweep ranks trials on the validation split")
     assert not (tmp_path / "s").exists()
 
 
-def test_a_language_model_recipe_exits_2_naming_the_task(tmp_path):
+def test_a_language_model_sweep_ranks_its_trials_by_bits_per_byte_lower_first(tmp_path):
     from test_lm import write_corpus
 
+    small = {"train": {"epochs": 1, "batch_size": 16, "lr": 0.003}}
     recipe = {"name": "tinylm", "data": {"source": "textfolder", "args": {"path": str(write_corpus(tmp_path / "t")),
-                                                                           "block": 16}},
-              "teacher": {"model": "gpt", "width": 16, "depth": 1, "heads": 2},
-              "student": {"model": "gpt", "width": 8, "depth": 1, "heads": 2}}
-    fails_cleanly(["sweep", write_recipe(tmp_path, recipe), "--trials", "2", "--run-dir", str(tmp_path / "s")],
-                  "data.source 'textfolder' gives a language-model task, scored in bits per byte; the sweep ranks "
-                  "trials by validation and test accuracy")
+                                                                           "block": 16}, "val_fraction": 0.2},
+              "teacher": {"model": "gpt", "width": 16, "depth": 1, "heads": 2, **small},
+              "student": {"model": "gpt", "width": 8, "depth": 1, "heads": 2, **small},
+              "distill": {"terms": [{"kind": "kd", "T": 1, "weight": 0.5}, {"kind": "ce", "weight": 0.5}],
+                          "use_transfer": False}}
+    run_dir = tmp_path / "sweep"
+    result = runner.invoke(app, ["sweep", write_recipe(tmp_path, recipe), "--trials", "3", "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run_dir / "sweep.json").read_text())
+    assert summary["metric"] == "bpb" and summary["higher_is_better"] is False
+    done = [t["val_bpb"] for t in summary["trials"] if t["state"] == "complete"]
+    assert summary["best"]["val_bpb"] == min(done)  # lower is better: the study minimises
+    assert 0 < summary["best"]["test_bpb"] < 8.5  # bits per byte of the best trial's student on the test split
+    assert summary["trials"][0]["val_bpb"] == summary["reference"]["val_bpb"]  # trial 0: the recipe's own
+    md = (run_dir / "sweep.md").read_text()
+    assert "selected by validation bits per byte" in md and "| val bpb | test bpb |" in md
+    assert "(bpb)" in result.output

@@ -194,8 +194,9 @@ def sweep(recipe: Path = typer.Argument(..., help="Recipe YAML with a kd term: i
     except DistilError as err:
         _fail(err)
     best, ref = summary["best"], summary["reference"]
-    console.print(f"best: trial {best['trial']}, val {best['val_acc']:.3f}, test {best['test_acc']:.3f}; the "
-                  f"recipe's own settings: val {ref['val_acc']:.3f}, test {ref['test_acc']:.3f}", highlight=False)
+    val, test = f"val_{summary['metric']}", f"test_{summary['metric']}"
+    console.print(f"best: trial {best['trial']}, val {best[val]:.3f}, test {best[test]:.3f}; the recipe's own "
+                  f"settings: val {ref[val]:.3f}, test {ref[test]:.3f} ({summary['metric']})", highlight=False)
     console.print(f"wrote: {target / 'sweep.md'}, {target / 'best.yaml'} (distil run {target / 'best.yaml'})")
 
 

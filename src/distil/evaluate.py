@@ -45,6 +45,19 @@ def accuracy(model: nn.Module, split: Split) -> float:
     return float((predict_logits(model, split.x).argmax(1) == split.y).float().mean())
 
 
+@torch.inference_mode()
+def split_score(model: nn.Module, split: Split, scoring, batch_size: int = 256) -> float:
+    """The task's metric of `model` on `split` (a `Scoring`: top-1 accuracy, bits per byte...): the sum over
+    batches of `scoring.fn`'s (value, count), divided, run on the model's device in eval mode."""
+    model.eval()
+    where = model_device(model, split.x.device)
+    total = count = 0.0
+    for i in range(0, len(split), batch_size):
+        value, n = scoring.fn(model(split.x[i:i + batch_size].to(where)), split.y[i:i + batch_size].to(where))
+        total, count = total + float(value), count + float(n)
+    return total / max(count, 1.0)
+
+
 def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:
     """ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)| over equal-width bins of max-softmax confidence
     (Guo et al. 2017)."""

@@ -8,8 +8,9 @@
     outputs   : sweep.db (the study: rerunning the command runs only the missing trials), sweep.md, sweep.json,
                 plots/history.png, plots/importance.png, best.yaml (a full recipe that `distil run` takes)
 
-Trials are selected by validation accuracy; the test split is read only to report the best trial's and the
-reference's accuracy. One process per sweep folder: a trial still marked running when a call starts was interrupted.
+Trials are selected by the task's validation metric (top-1 accuracy; bits per byte for a language model, lower
+being better); the test split is read only to report the best trial's and the reference's. One process per sweep
+folder: a trial still marked running when a call starts was interrupted.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from distil.cache import TeacherCache
 from distil.data import Split
 from distil.distiller import Distiller
 from distil.errors import DistilError, NonFiniteLossError, RecipeError
-from distil.evaluate import accuracy
+from distil.evaluate import split_score
 from distil.pipeline import open_run
 from distil.recipe import Recipe
 from distil.run import Run
@@ -124,14 +125,12 @@ class Sweep:
         self.recipe, self.run_dir, self.trials, self.say, self.command = recipe, Path(run_dir), trials, say, command
         self.space = search_space(recipe.distill.terms)
         if recipe.data.val_fraction == 0:
-            raise RecipeError("data.val_fraction is 0: the sweep ranks trials by validation accuracy, never by test. "
+            raise RecipeError("data.val_fraction is 0: the sweep ranks trials on the validation split, never on test. "
                               "Hold out a validation split, e.g. data.val_fraction: 0.1.")
         check_same_recipe(recipe, self.run_dir)
         self.run: Run = open_run(recipe, self.run_dir, on_epoch=on_epoch, on_stage=on_stage)
-        if self.run.splits.task != "classify":
-            raise RecipeError(f"data.source '{recipe.data.source}' gives a language-model task, scored in bits per "
-                              "byte; the sweep ranks trials by validation and test accuracy, so it takes "
-                              "classification recipes only. Compare T and alpha with `distil run --set` instead.")
+        self.scoring = self.run.scoring  # the task's metric: "acc" (higher is better) or "bpb" (lower)
+        self.val_key, self.test_key = f"val_{self.scoring.metric}", f"test_{self.scoring.metric}"
         self._train: Split | None = None
         self.teacher_status = self.train_teacher()
         self.run.on_stage = None  # the trials say one line each
@@ -150,7 +149,7 @@ class Sweep:
                 stage.run(run)
             t = self.recipe.teacher
             how = f"loaded from {t.checkpoint}" if t.checkpoint else "kept as loaded (pretrained)" if t.pretrained \
-                else f"trained ({t.train.epochs} epochs)"
+                else f"trained ({t.train.epochs} epoch{'s' if t.train.epochs != 1 else ''})"
             self.say(f"teacher: {how} -> {run.path('teacher.safetensors')}, once for every trial")
         status = "reused" if done else "trained"
         run.log_event({"stage": "sweep", "event": "sweep_teacher", "status": status, "file": "teacher.safetensors"})
@@ -186,32 +185,34 @@ class Sweep:
         # the first trials are never pruned; a trial is judged after a third of its epochs
         pruner = optuna.pruners.MedianPruner(n_startup_trials=max(2, self.trials // 4), n_warmup_steps=epochs // 3)
         self.storage = optuna.storages.RDBStorage(f"sqlite:///{self.run_dir.resolve() / 'sweep.db'}")
-        study = optuna.create_study(storage=self.storage, study_name="sweep", direction="maximize", sampler=sampler,
+        direction = "maximize" if self.scoring.higher_is_better else "minimize"
+        study = optuna.create_study(storage=self.storage, study_name="sweep", direction=direction, sampler=sampler,
                                     pruner=pruner, load_if_exists=True)
         if not study.trials:  # the search starts from the recipe's own settings
             study.enqueue_trial(own_values(self.space), user_attrs={"start": "the recipe's own settings"})
         return study
 
     def distil(self, terms: list[dict], name: str, on_epoch: Callable[[dict], None] | None) -> tuple[float, float]:
-        """Distil a fresh student with `terms` and the recipe's student settings; (best val acc, its test acc)."""
+        """Distil a fresh student with `terms` and the recipe's student settings; (the validation metric of its best
+        epoch, the test metric of those weights)."""
         run = self.run
         train = self.train_data()
         student = run.model("student")
         distiller = Distiller(student, self.teachers, build_terms(terms, num_samples=len(train)),
-                              fold_bn=self.recipe.distill.fold_bn).to(run.device)
+                              scoring=self.scoring, fold_bn=self.recipe.distill.fold_bn).to(run.device)
         run.on_epoch = on_epoch
         try:
             result = run.fit(distiller, train, self.recipe.student.train, name)
         finally:
             for kind in ("last", "best"):  # a stopped trial is rerun from the start, as a new trial
                 run.path(f"checkpoints/{name}-{kind}.safetensors").unlink(missing_ok=True)
-        return result.best_score, accuracy(student.cpu(), run.test)
+        return result.history[result.best_epoch][self.val_key], split_score(student.cpu(), run.test, self.scoring)
 
     def reference(self) -> dict:
         """The recipe's own terms with the trials' budget, trained once (kept in the study)."""
         if "reference" not in self.study.user_attrs:
             val, test = self.distil(self.recipe.distill.terms, "sweep-recipe", None)
-            self.study.set_user_attr("reference", {"val_acc": val, "test_acc": test})
+            self.study.set_user_attr("reference", {self.val_key: val, self.test_key: test})
             self.say(f"the recipe's own settings ({_values(own_values(self.space))}): val {val:.3f}")
         return self.study.user_attrs["reference"]
 
@@ -219,10 +220,10 @@ class Sweep:
         values = {p.name: trial.suggest_float(p.name, p.low, p.high, log=p.log) for p in self.space}
 
         def report(record: dict) -> None:
-            trial.report(record["val_acc"], record["epoch"])
+            trial.report(record[self.val_key], record["epoch"])
             if record["epoch"] < self.recipe.student.train.epochs and trial.should_prune():
-                raise self.optuna.TrialPruned(f"epoch {record['epoch']}: val {record['val_acc']:.3f}, below the "
-                                              "median of the earlier trials")
+                raise self.optuna.TrialPruned(f"epoch {record['epoch']}: val {record[self.val_key]:.3f}, worse than "
+                                              "the median of the earlier trials")
 
         try:
             val, test = self.distil(terms_for(self.recipe.distill.terms, self.space, values), f"trial-{trial.number}",
@@ -237,7 +238,7 @@ class Sweep:
             trial.set_user_attr("interrupted", True)
             self.study.enqueue_trial(values, user_attrs={"rerun of": trial.number})
             raise
-        trial.set_user_attr("test_acc", test)  # read for the best trial only; selection is by validation
+        trial.set_user_attr(self.test_key, test)  # read for the best trial only; selection is by validation
         self.say(f"trial {trial.number}: {_values(values)} -> val {val:.3f}")
         return val
 
