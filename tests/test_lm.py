@@ -8,9 +8,9 @@ import torch
 from torch.nn import functional as F
 
 from distil.checkpoint import load_weights, save_model
-from distil.data import load_splits
+from distil.data import Split, load_splits
 from distil.distiller import BITS_PER_BYTE, ClassificationTask, bits_score
-from distil.errors import DataError, ModelError
+from distil.errors import ConfigError, DataError, ModelError
 from distil.models import build_model
 from distil.models.gpt import generate
 from distil.text import blocks, decode, encode, pycorpus, split_files, textfolder
@@ -254,21 +254,61 @@ def test_on_policy_steps_train_on_the_students_own_text_with_the_prompt_masked(t
         OnPolicyDistiller(task.distiller, prompt=12).prepare(batch)
 
 
-def test_on_policy_needs_a_language_model_and_a_prompt_shorter_than_the_blocks(tmp_path, tiny_recipe):
+@pytest.mark.parametrize("field,value,who", [("on_policy", 0.5, "student"), ("sequence_kd", True, "teacher")])
+def test_text_written_in_training_needs_a_language_model_and_a_prompt_shorter_than_the_blocks(
+        tmp_path, tiny_recipe, field, value, who):
     from distil.build import load_recipe
     from distil.errors import RecipeError
     from distil.pipeline import run_pipeline
 
-    with pytest.raises(RecipeError, match="distill.on_policy: 0.5 makes the student generate text"):
-        run_pipeline(load_recipe({**tiny_recipe, "distill": {"on_policy": 0.5}}), tmp_path / "a")
+    with pytest.raises(RecipeError, match=f"distill.{field} makes the {who} write text, which needs a language model"):
+        run_pipeline(load_recipe({**tiny_recipe, "distill": {field: value}}), tmp_path / "a")
     recipe = load_recipe({
         "name": "lm", "data": {"source": "textfolder", "args": {"path": str(write_corpus(tmp_path / "t")),
                                                                  "block": 16}},
         "teacher": {"model": "gpt", "width": 16, "depth": 1, "heads": 2},
         "student": {"model": "gpt", "width": 16, "depth": 1, "heads": 2},
-        "distill": {"on_policy": 0.5, "prompt_tokens": 16}})
-    with pytest.raises(RecipeError, match=r"distill.prompt_tokens \(16\) must be shorter than the blocks \(16"):
+        "distill": {field: value, "prompt_tokens": 16}})
+    with pytest.raises(RecipeError, match=rf"distill.prompt_tokens \(16\) must be shorter than the blocks \(16 "
+                                          rf"tokens\) for distill.{field}"):
         run_pipeline(recipe, tmp_path / "b")
+
+
+def test_the_teacher_writes_each_block_after_its_prompt_greedily_and_the_targets_follow():
+    from distil.seqkd import teacher_text
+
+    torch.manual_seed(0)
+    teacher = build_model("gpt", (12,), 256, width=16, depth=1, heads=2).eval()
+    x = torch.randint(0, 256, (5, 12))
+    text = teacher_text(teacher, Split(x, torch.zeros_like(x)), prompt=4, batch_size=2)
+    assert torch.equal(text.x[:, :4], x[:, :4])  # the prompt is the corpus's
+    by_hand = x[:, :4]
+    with torch.no_grad():
+        while by_hand.shape[1] < 13:  # the whole sequence fed back each step, the likeliest next token appended
+            by_hand = torch.cat([by_hand, teacher(by_hand)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(text.x, by_hand[:, :12]) and torch.equal(text.y[:, 3:], by_hand[:, 4:])
+    assert (text.y[:, :3] == -1).all()  # no loss on predicting the corpus's own prompt
+    with pytest.raises(ConfigError, match=r"distill.prompt_tokens \(12\) must be between 1 and the block length"):
+        teacher_text(teacher, Split(x, x), prompt=12)
+
+
+def test_a_recipe_with_sequence_kd_distils_on_the_teachers_text_and_says_so(tmp_path):
+    from distil.build import load_recipe
+    from distil.pipeline import run_pipeline
+
+    small = {"train": {"epochs": 1, "batch_size": 16, "lr": 0.003}}
+    recipe = load_recipe({
+        "name": "seqkd", "data": {"source": "textfolder", "args": {"path": str(write_corpus(tmp_path / "t")),
+                                                                    "block": 16}},
+        "teacher": {"model": "gpt", "width": 16, "depth": 1, "heads": 2, **small},
+        "student": {"model": "gpt", "width": 8, "depth": 1, "heads": 2, **small},
+        "distill": {"terms": [{"kind": "ce", "weight": 1.0}], "sequence_kd": True, "prompt_tokens": 6}})
+    run_pipeline(recipe, tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    written = [r for r in log if r.get("event") == "sequence_kd"]
+    assert len(written) == 1 and written[0]["stage"] == "distill" and written[0]["prompt_tokens"] == 6
+    assert 0 < json.loads((tmp_path / "run" / "metrics.json").read_text())["models"]["student"]["bpb"] < 8.5
+    assert "the teacher's greedy continuations" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_generation_with_the_key_value_cache_equals_feeding_the_whole_sequence():
@@ -294,7 +334,7 @@ def test_the_llm_experiment_writes_its_table(tmp_path):
     rows = [line for line in page.splitlines() if line.startswith("| ") and "bits/byte |" not in line]
     names = [row.split(" | ")[0].strip("| ") for row in rows]
     assert names == ["teacher", "baseline (CE only)", "forward KL (kd, T=1)", "reverse KL (rkl, T=1)",
-                     "JSD(0.5) (jsd)", "JSD(0.5), on-policy 50%"]
+                     "JSD(0.5) (jsd)", "JSD(0.5), on-policy 50%", "CE on the teacher's text (sequence-level KD)"]
     assert all(0 < float(row.split(" | ")[1].split(" +- ")[0]) < 8.5 for row in rows)
 
 

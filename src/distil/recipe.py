@@ -97,6 +97,9 @@ class DistillSection(_Section):
     # prompt_tokens of each block and learns from the teacher's scores of it (on-policy, GKD's lambda)
     on_policy: float = Field(0.0, ge=0, le=1)
     prompt_tokens: int = Field(32, ge=1)
+    # language models: the student learns from the teacher's greedy continuations of the first prompt_tokens of
+    # each block instead of the corpus's text (sequence-level KD, Kim & Rush 2016; `distil.seqkd`)
+    sequence_kd: bool = False
 
 
 class CompressSection(_Section):

@@ -4,6 +4,7 @@ building, training, distilling, saving and loading the run's models."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -86,12 +87,16 @@ class Run:
     def check_models(self) -> None:
         """Fail before any training if a model's output does not fit the data, or a loss term its models."""
         d = self.recipe.distill
-        if d.on_policy > 0 and self.splits.task != "lm":
-            raise RecipeError(f"distill.on_policy: {d.on_policy} makes the student generate text, which needs a "
-                              "language model on a text source (pycorpus, textfolder); set it to 0 here.")
-        if d.on_policy > 0 and d.prompt_tokens >= self.splits.input_shape[0]:
-            raise RecipeError(f"distill.prompt_tokens ({d.prompt_tokens}) must be shorter than the blocks "
-                              f"({self.splits.input_shape[0]} tokens): the student continues the prompt to the end")
+        writes = {"distill.on_policy": (d.on_policy > 0, "makes the student write text", "set it to 0"),
+                  "distill.sequence_kd": (d.sequence_kd, "makes the teacher write text", "set it to false")}
+        for key, (on, what, fix) in writes.items():
+            if on and self.splits.task != "lm":
+                raise RecipeError(f"{key} {what}, which needs a language model on a text source (pycorpus, "
+                                  f"textfolder); {fix} here.")
+            if on and d.prompt_tokens >= self.splits.input_shape[0]:
+                raise RecipeError(f"distill.prompt_tokens ({d.prompt_tokens}) must be shorter than the blocks "
+                                  f"({self.splits.input_shape[0]} tokens) for {key}: the prompt is continued to "
+                                  "the end of the block")
         sample = take(self.splits.train, [0, min(1, len(self.splits.train) - 1)]).x
         if self.augment:
             sample = self.augment(sample, torch.Generator().manual_seed(0))
@@ -194,7 +199,7 @@ class Run:
         terms = self.one_teacher_terms() if isinstance(teacher, nn.Module) else self.terms()
         distiller = Distiller(student, teacher, terms, scoring=self.scoring,
                               fold_bn=self.recipe.distill.fold_bn).to(self.device)
-        train = self.distill_train()
+        train = self.distill_data(teacher if isinstance(teacher, nn.Module) else teacher["teacher"], name)
         if isinstance(train, Split) and not self.augment:
             d = self.recipe.distill
             cache = TeacherCache(d.cache_dir, d.cache_memory_mb) if d.cache else None
@@ -247,6 +252,20 @@ class Run:
 
     def distill_train(self) -> Data:
         return self._distill_data
+
+    def distill_data(self, teacher: nn.Module, name: str) -> Data:
+        """What a student is distilled on: the training split (plus the transfer set), or with
+        `distill.sequence_kd` the same blocks continued by `teacher` after their prompt (`distil.seqkd`)."""
+        d = self.recipe.distill
+        if not d.sequence_kd:
+            return self.distill_train()
+        from distil.seqkd import teacher_text
+
+        start = time.perf_counter()
+        text = teacher_text(teacher.to(self.device), self.distill_train(), d.prompt_tokens)
+        self.log_event({"stage": name, "event": "sequence_kd", "blocks": len(text), "prompt_tokens": d.prompt_tokens,
+                        "seconds": round(time.perf_counter() - start, 2)})
+        return text
 
     @cached_property
     def _distill_data(self) -> Data:

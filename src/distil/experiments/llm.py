@@ -2,8 +2,9 @@
 
 One teacher (the recipe's 4-layer transformer on the standard library's source) teaches the recipe's
 2-layer student with each of: forward KL (`kd`, T=1), reverse KL (`rkl`, MiniLLM), generalized JSD with
-beta 0.5 (`jsd`, GKD), each at weight 0.5 beside CE at 0.5 on the next bytes; and JSD(0.5) on-policy
-(half of the steps on the student's own continuations of 64-byte prompts, GKD's lambda 0.5). The baseline
+beta 0.5 (`jsd`, GKD), each at weight 0.5 beside CE at 0.5 on the next bytes; JSD(0.5) on-policy
+(half of the steps on the student's own continuations of 64-byte prompts, GKD's lambda 0.5); and CE alone on
+the teacher's greedy continuations of the same prompts (sequence-level KD, Kim & Rush 2016). The baseline
 is the same student on the next bytes alone. Every student gets the recipe's optimiser and steps; the
 teacher runs online (its full next-byte distribution), as in the recipe.
 """
@@ -24,15 +25,18 @@ from distil.experiments.common import mean_std
 from distil.lm import bits_per_byte
 from distil.models import build_model, count_params
 from distil.onpolicy import OnPolicyDistiller
+from distil.seqkd import teacher_text
 from distil.train import fit
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "pylm.yaml"
 CE_HALF = {"kind": "ce", "weight": 0.5}
-METHODS: dict[str, tuple[list[dict], float]] = {  # name -> (terms, on-policy fraction)
-    "forward KL (kd, T=1)": ([{"kind": "kd", "T": 1, "weight": 0.5}, CE_HALF], 0.0),
-    "reverse KL (rkl, T=1)": ([{"kind": "rkl", "T": 1, "weight": 0.5}, CE_HALF], 0.0),
-    "JSD(0.5) (jsd)": ([{"kind": "jsd", "beta": 0.5, "weight": 0.5}, CE_HALF], 0.0),
-    "JSD(0.5), on-policy 50%": ([{"kind": "jsd", "beta": 0.5, "weight": 0.5}, CE_HALF], 0.5),
+# name -> (terms, on-policy fraction, on the teacher's text)
+METHODS: dict[str, tuple[list[dict], float, bool]] = {
+    "forward KL (kd, T=1)": ([{"kind": "kd", "T": 1, "weight": 0.5}, CE_HALF], 0.0, False),
+    "reverse KL (rkl, T=1)": ([{"kind": "rkl", "T": 1, "weight": 0.5}, CE_HALF], 0.0, False),
+    "JSD(0.5) (jsd)": ([{"kind": "jsd", "beta": 0.5, "weight": 0.5}, CE_HALF], 0.0, False),
+    "JSD(0.5), on-policy 50%": ([{"kind": "jsd", "beta": 0.5, "weight": 0.5}, CE_HALF], 0.5, False),
+    "CE on the teacher's text (sequence-level KD)": ([{"kind": "ce", "weight": 1.0}], 0.0, True),
 }
 
 
@@ -76,12 +80,17 @@ def _one_seed(recipe, args: dict, seed: int, quick: bool, log: Callable[[str], N
     seconds = timed(ClassificationTask(student, scoring=BITS_PER_BYTE), splits.train, student_section)
     rows["baseline (CE only)"] = (bits_per_byte(student, splits.test), seconds, count_params(student))
     log(f"seed {seed}: teacher {rows['teacher'][0]:.3f}, baseline {rows['baseline (CE only)'][0]:.3f} bits/byte")
-    for name, (specs, fraction) in METHODS.items():  # the teacher online, as in the recipe
+    prompt = splits.input_shape[0] // 2
+    written = None  # the teacher's continuations of every training block's prompt, made once
+    for name, (specs, fraction, on_teacher_text) in METHODS.items():  # the teacher online, as in the recipe
         student = model(student_section, 1)
         distiller = Distiller(student, teacher, build_terms(specs), scoring=BITS_PER_BYTE)
-        prompt = splits.input_shape[0] // 2
         task = OnPolicyDistiller(distiller, fraction, prompt, seed=seed) if fraction else distiller
-        seconds = timed(task, splits.train, student_section)
+        if on_teacher_text and written is None:
+            begin = time.perf_counter()
+            written = teacher_text(teacher, splits.train, prompt)
+            log(f"seed {seed}: the teacher wrote {len(written):,} continuations in {time.perf_counter() - begin:.0f} s")
+        seconds = timed(task, written if on_teacher_text else splits.train, student_section)
         rows[name] = (bits_per_byte(student, splits.test), seconds, count_params(student))
         log(f"seed {seed}: {name} {rows[name][0]:.3f} bits/byte")
     return rows
@@ -111,5 +120,8 @@ def _page(recipe, runs: list[dict], command: str, minutes: float, quick: bool) -
               "- JSD(0.5): `0.5 KL(p_t || m) + 0.5 KL(p_s || m)`, `m` the average of the two (GKD);",
               "- on-policy: on half of the steps (drawn by the step's seed) the student continues each block's first "
               "64 bytes with its own samples, and the JSD is taken on those generated positions only, the teacher "
-              "scoring them online; the other steps are the off-policy JSD row's.", ""]
+              "scoring them online; the other steps are the off-policy JSD row's;",
+              "- sequence-level KD: the teacher continues each training block's first 64 bytes greedily, once, and "
+              "the student learns those continuations with CE alone (`distill.sequence_kd: true`); it never sees "
+              "the corpus's own text after the prompts, while it is tested on the corpus.", ""]
     return "\n".join(lines)

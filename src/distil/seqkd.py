@@ -1,0 +1,43 @@
+"""Sequence-level distillation for language models (Kim & Rush 2016, "Sequence-Level Knowledge Distillation").
+
+The student learns from the teacher's own text instead of the corpus's: each training block keeps its first
+`prompt` tokens, and the teacher writes the rest, greedily (its most likely next token at each position). The
+student is then trained on those sequences with the recipe's terms: CE alone on them is sequence-level KD proper
+(the teacher's mode, learned as hard targets); a per-token term beside it (`kd`, `jsd`) also matches the
+teacher's distributions along the teacher's own text. Validation and test stay on the corpus.
+
+    text = teacher_text(teacher, splits.train, prompt=64)      # recipe: distill.sequence_kd: true
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distil.data import Split
+from distil.errors import ConfigError
+from distil.evaluate import model_device
+from distil.losses import UNLABELED
+from distil.models.gpt import generate
+
+
+@torch.no_grad()
+def teacher_text(teacher: nn.Module, split: Split, prompt: int, batch_size: int = 256) -> Split:
+    """`split`'s token blocks (N, T) with every token after the first `prompt` written by `teacher` (greedy), and
+    their next-token targets; the targets inside the prompt are -1 (no loss: the corpus's text), but for its last
+    position, whose target is the teacher's first token. Generated on the teacher's device, returned on `split`'s.
+    """
+    if split.x.dim() != 2:
+        raise ConfigError(f"distill.sequence_kd: the teacher writes text, which needs token blocks (N, T); got "
+                          f"inputs of shape {list(split.x.shape)}")
+    length = split.x.shape[1]
+    if not 1 <= prompt < length:
+        raise ConfigError(f"distill.prompt_tokens ({prompt}) must be between 1 and the block length ({length}) - 1: "
+                          "the teacher continues each block's prompt to the end")
+    where = model_device(teacher, split.x.device)
+    written = [generate(teacher, split.x[i:i + batch_size, :prompt].to(where), length + 1 - prompt, temperature=0)
+               .to(split.x.device) for i in range(0, len(split), batch_size)]
+    tokens = torch.cat(written)  # (N, T + 1): the prompt, then the teacher's tokens
+    targets = tokens[:, 1:].clone()
+    targets[:, :prompt - 1] = UNLABELED
+    return Split(tokens[:, :-1].contiguous(), targets)
