@@ -74,6 +74,7 @@ SET = typer.Option([], "--set", help="Override a recipe field, e.g. --set studen
 def _pipeline(recipe: Path | None, run_dir: Path | None, overrides: list[str], force: bool = False,
               only: str | None = None) -> None:
     from distil.build import load_recipe
+    from distil.device import resolve_device
     from distil.pipeline import load_metrics, run_pipeline
     from distil.recipe import apply_overrides, read_recipe
 
@@ -82,6 +83,7 @@ def _pipeline(recipe: Path | None, run_dir: Path | None, overrides: list[str], f
         saved = run_dir / "recipe.yaml" if run_dir else None
         source = recipe or (saved if saved and saved.exists() else DEFAULT_RECIPE)
         loaded = load_recipe(apply_overrides(read_recipe(source), overrides), where=_where(source, overrides))
+        resolve_device(loaded.device)  # a device this machine lacks fails here, before anything is said or written
         target = run_dir or Path("runs") / loaded.name
         console.print(f"recipe {source} -> run folder {target}")
         columns = [TextColumn("{task.description:>22}"), BarColumn(bar_width=20), MofNCompleteColumn(),
