@@ -280,7 +280,7 @@ def test_the_teacher_writes_each_block_after_its_prompt_greedily_and_the_targets
     torch.manual_seed(0)
     teacher = build_model("gpt", (12,), 256, width=16, depth=1, heads=2).eval()
     x = torch.randint(0, 256, (5, 12))
-    text = teacher_text(teacher, Split(x, torch.zeros_like(x)), prompt=4, batch_size=2)
+    text = teacher_text(teacher, Split(x, torch.zeros_like(x)), prompt=4, temperature=0, batch_size=2)
     assert torch.equal(text.x[:, :4], x[:, :4])  # the prompt is the corpus's
     by_hand = x[:, :4]
     with torch.no_grad():
@@ -290,6 +290,9 @@ def test_the_teacher_writes_each_block_after_its_prompt_greedily_and_the_targets
     assert (text.y[:, :3] == -1).all()  # no loss on predicting the corpus's own prompt
     with pytest.raises(ConfigError, match=r"distill.prompt_tokens \(12\) must be between 1 and the block length"):
         teacher_text(teacher, Split(x, x), prompt=12)
+    sampled = [teacher_text(teacher, Split(x, x), prompt=4, seed=seed).x for seed in (0, 0, 1)]
+    assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], sampled[2])  # seeded: every process
+    assert torch.equal(sampled[2][:, :4], x[:, :4]) and not torch.equal(sampled[0], text.x)  # the same text
 
 
 def test_a_recipe_with_sequence_kd_distils_on_the_teachers_text_and_says_so(tmp_path):
@@ -308,7 +311,7 @@ def test_a_recipe_with_sequence_kd_distils_on_the_teachers_text_and_says_so(tmp_
     written = [r for r in log if r.get("event") == "sequence_kd"]
     assert len(written) == 1 and written[0]["stage"] == "distill" and written[0]["prompt_tokens"] == 6
     assert 0 < json.loads((tmp_path / "run" / "metrics.json").read_text())["models"]["student"]["bpb"] < 8.5
-    assert "the teacher's greedy continuations" in (tmp_path / "run" / "report.md").read_text()
+    assert "the teacher's continuations (sampled at temperature 1)" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_generation_with_the_key_value_cache_equals_feeding_the_whole_sequence():
@@ -334,7 +337,8 @@ def test_the_llm_experiment_writes_its_table(tmp_path):
     rows = [line for line in page.splitlines() if line.startswith("| ") and "bits/byte |" not in line]
     names = [row.split(" | ")[0].strip("| ") for row in rows]
     assert names == ["teacher", "baseline (CE only)", "forward KL (kd, T=1)", "reverse KL (rkl, T=1)",
-                     "JSD(0.5) (jsd)", "JSD(0.5), on-policy 50%", "CE on the teacher's text (sequence-level KD)"]
+                     "JSD(0.5) (jsd)", "JSD(0.5), on-policy 50%", "sequence-level KD, greedy text",
+                     "sequence-level KD, sampled text (T=1)"]
     assert all(0 < float(row.split(" | ")[1].split(" +- ")[0]) < 8.5 for row in rows)
 
 

@@ -157,9 +157,11 @@ def report_lm(run, names: list[str]) -> Path:
              f"{len(s.val):,} val / {len(s.test):,} test blocks ({len(s.test) * block:,} test bytes), split by file",
              f"teacher: {r.teacher.model} {r.teacher.knobs()}; student: {r.student.model} {r.student.knobs()}",
              "distillation terms: " + ", ".join(json.dumps(t) for t in r.distill.terms),
-             *([f"sequence-level KD: the student learns from the teacher's greedy continuations of the first "
-                f"{r.distill.prompt_tokens} tokens of each training block, not from the corpus's text (Kim & Rush "
-                "2016); validation and test are on the corpus"] if r.distill.sequence_kd else []),
+             *(["sequence-level KD: the student learns from the teacher's continuations ("
+                + (f"sampled at temperature {r.distill.sequence_temperature:g}" if r.distill.sequence_temperature
+                   else "greedy") + f") of the first {r.distill.prompt_tokens} tokens of each training block, not "
+                "from the corpus's text (Kim & Rush 2016); validation and test are on the corpus"]
+               if r.distill.sequence_kd else []),
              *([f"on-policy: on {r.distill.on_policy:.0%} of the steps the student continues the first "
                 f"{r.distill.prompt_tokens} tokens of each block with its own samples, and the terms compare it "
                 "with the teacher on those tokens (GKD)"] if r.distill.on_policy else []),

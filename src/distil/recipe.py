@@ -97,9 +97,11 @@ class DistillSection(_Section):
     # prompt_tokens of each block and learns from the teacher's scores of it (on-policy, GKD's lambda)
     on_policy: float = Field(0.0, ge=0, le=1)
     prompt_tokens: int = Field(32, ge=1)
-    # language models: the student learns from the teacher's greedy continuations of the first prompt_tokens of
-    # each block instead of the corpus's text (sequence-level KD, Kim & Rush 2016; `distil.seqkd`)
+    # language models: the student learns from the teacher's continuations of the first prompt_tokens of each
+    # block instead of the corpus's text (sequence-level KD, Kim & Rush 2016; `distil.seqkd`), sampled at
+    # sequence_temperature (1: the teacher's distribution; 0: greedy)
     sequence_kd: bool = False
+    sequence_temperature: float = Field(1.0, ge=0)
 
 
 class CompressSection(_Section):

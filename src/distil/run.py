@@ -262,9 +262,10 @@ class Run:
         from distil.seqkd import teacher_text
 
         start = time.perf_counter()
-        text = teacher_text(teacher.to(self.device), self.distill_train(), d.prompt_tokens)
+        text = teacher_text(teacher.to(self.device), self.distill_train(), d.prompt_tokens, d.sequence_temperature,
+                            seed=self.recipe.seed)
         self.log_event({"stage": name, "event": "sequence_kd", "blocks": len(text), "prompt_tokens": d.prompt_tokens,
-                        "seconds": round(time.perf_counter() - start, 2)})
+                        "temperature": d.sequence_temperature, "seconds": round(time.perf_counter() - start, 2)})
         return text
 
     @cached_property

@@ -1,9 +1,10 @@
 """Sequence-level distillation for language models (Kim & Rush 2016, "Sequence-Level Knowledge Distillation").
 
 The student learns from the teacher's own text instead of the corpus's: each training block keeps its first
-`prompt` tokens, and the teacher writes the rest, greedily (its most likely next token at each position). The
+`prompt` tokens, and the teacher writes the rest, sampled at `temperature` (1: the teacher's own distribution;
+0: greedy, its most likely next token at each position, which a small model turns into loops). The
 student is then trained on those sequences with the recipe's terms: CE alone on them is sequence-level KD proper
-(the teacher's mode, learned as hard targets); a per-token term beside it (`kd`, `jsd`) also matches the
+(the teacher's outputs, learned as hard targets); a per-token term beside it (`kd`, `jsd`) also matches the
 teacher's distributions along the teacher's own text. Validation and test stay on the corpus.
 
     text = teacher_text(teacher, splits.train, prompt=64)      # recipe: distill.sequence_kd: true
@@ -22,9 +23,11 @@ from distil.models.gpt import generate
 
 
 @torch.no_grad()
-def teacher_text(teacher: nn.Module, split: Split, prompt: int, batch_size: int = 256) -> Split:
-    """`split`'s token blocks (N, T) with every token after the first `prompt` written by `teacher` (greedy), and
-    their next-token targets; the targets inside the prompt are -1 (no loss: the corpus's text), but for its last
+def teacher_text(teacher: nn.Module, split: Split, prompt: int, temperature: float = 1.0, seed: int = 0,
+                 batch_size: int = 256) -> Split:
+    """`split`'s token blocks (N, T) with every token after the first `prompt` written by `teacher` (sampled at
+    `temperature` from a generator seeded by `seed`, so every process writes the same text; 0: greedy), and their
+    next-token targets; the targets inside the prompt are -1 (no loss: the corpus's text), but for its last
     position, whose target is the teacher's first token. Generated on the teacher's device, returned on `split`'s.
     """
     if split.x.dim() != 2:
@@ -34,9 +37,12 @@ def teacher_text(teacher: nn.Module, split: Split, prompt: int, batch_size: int 
     if not 1 <= prompt < length:
         raise ConfigError(f"distill.prompt_tokens ({prompt}) must be between 1 and the block length ({length}) - 1: "
                           "the teacher continues each block's prompt to the end")
+    if not temperature >= 0:
+        raise ConfigError(f"distill.sequence_temperature must be >= 0 (0: greedy), got {temperature}")
     where = model_device(teacher, split.x.device)
-    written = [generate(teacher, split.x[i:i + batch_size, :prompt].to(where), length + 1 - prompt, temperature=0)
-               .to(split.x.device) for i in range(0, len(split), batch_size)]
+    generator = torch.Generator(device=where).manual_seed(seed)
+    written = [generate(teacher, split.x[i:i + batch_size, :prompt].to(where), length + 1 - prompt, temperature,
+                        generator=generator).to(split.x.device) for i in range(0, len(split), batch_size)]
     tokens = torch.cat(written)  # (N, T + 1): the prompt, then the teacher's tokens
     targets = tokens[:, 1:].clone()
     targets[:, :prompt - 1] = UNLABELED

@@ -4,7 +4,8 @@ One teacher (the recipe's 4-layer transformer on the standard library's source) 
 2-layer student with each of: forward KL (`kd`, T=1), reverse KL (`rkl`, MiniLLM), generalized JSD with
 beta 0.5 (`jsd`, GKD), each at weight 0.5 beside CE at 0.5 on the next bytes; JSD(0.5) on-policy
 (half of the steps on the student's own continuations of 64-byte prompts, GKD's lambda 0.5); and CE alone on
-the teacher's greedy continuations of the same prompts (sequence-level KD, Kim & Rush 2016). The baseline
+the teacher's continuations of the same prompts, greedy or sampled at T=1 (sequence-level KD, Kim & Rush 2016).
+The baseline
 is the same student on the next bytes alone. Every student gets the recipe's optimiser and steps; the
 teacher runs online (its full next-byte distribution), as in the recipe.
 """
@@ -30,13 +31,15 @@ from distil.train import fit
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "pylm.yaml"
 CE_HALF = {"kind": "ce", "weight": 0.5}
-# name -> (terms, on-policy fraction, on the teacher's text)
-METHODS: dict[str, tuple[list[dict], float, bool]] = {
-    "forward KL (kd, T=1)": ([{"kind": "kd", "T": 1, "weight": 0.5}, CE_HALF], 0.0, False),
-    "reverse KL (rkl, T=1)": ([{"kind": "rkl", "T": 1, "weight": 0.5}, CE_HALF], 0.0, False),
-    "JSD(0.5) (jsd)": ([{"kind": "jsd", "beta": 0.5, "weight": 0.5}, CE_HALF], 0.0, False),
-    "JSD(0.5), on-policy 50%": ([{"kind": "jsd", "beta": 0.5, "weight": 0.5}, CE_HALF], 0.5, False),
-    "CE on the teacher's text (sequence-level KD)": ([{"kind": "ce", "weight": 1.0}], 0.0, True),
+CE_ALL = [{"kind": "ce", "weight": 1.0}]
+# name -> (terms, on-policy fraction, the teacher's text: None = the corpus, else the sampling temperature)
+METHODS: dict[str, tuple[list[dict], float, float | None]] = {
+    "forward KL (kd, T=1)": ([{"kind": "kd", "T": 1, "weight": 0.5}, CE_HALF], 0.0, None),
+    "reverse KL (rkl, T=1)": ([{"kind": "rkl", "T": 1, "weight": 0.5}, CE_HALF], 0.0, None),
+    "JSD(0.5) (jsd)": ([{"kind": "jsd", "beta": 0.5, "weight": 0.5}, CE_HALF], 0.0, None),
+    "JSD(0.5), on-policy 50%": ([{"kind": "jsd", "beta": 0.5, "weight": 0.5}, CE_HALF], 0.5, None),
+    "sequence-level KD, greedy text": (CE_ALL, 0.0, 0.0),
+    "sequence-level KD, sampled text (T=1)": (CE_ALL, 0.0, 1.0),
 }
 
 
@@ -81,16 +84,16 @@ def _one_seed(recipe, args: dict, seed: int, quick: bool, log: Callable[[str], N
     rows["baseline (CE only)"] = (bits_per_byte(student, splits.test), seconds, count_params(student))
     log(f"seed {seed}: teacher {rows['teacher'][0]:.3f}, baseline {rows['baseline (CE only)'][0]:.3f} bits/byte")
     prompt = splits.input_shape[0] // 2
-    written = None  # the teacher's continuations of every training block's prompt, made once
-    for name, (specs, fraction, on_teacher_text) in METHODS.items():  # the teacher online, as in the recipe
+    for name, (specs, fraction, temperature) in METHODS.items():  # the teacher online, as in the recipe
         student = model(student_section, 1)
         distiller = Distiller(student, teacher, build_terms(specs), scoring=BITS_PER_BYTE)
         task = OnPolicyDistiller(distiller, fraction, prompt, seed=seed) if fraction else distiller
-        if on_teacher_text and written is None:
+        data = splits.train
+        if temperature is not None:  # the teacher's continuations of every training block's prompt
             begin = time.perf_counter()
-            written = teacher_text(teacher, splits.train, prompt)
-            log(f"seed {seed}: the teacher wrote {len(written):,} continuations in {time.perf_counter() - begin:.0f} s")
-        seconds = timed(task, written if on_teacher_text else splits.train, student_section)
+            data = teacher_text(teacher, splits.train, prompt, temperature, seed=seed)
+            log(f"seed {seed}: the teacher wrote {len(data):,} continuations in {time.perf_counter() - begin:.0f} s")
+        seconds = timed(task, data, student_section)
         rows[name] = (bits_per_byte(student, splits.test), seconds, count_params(student))
         log(f"seed {seed}: {name} {rows[name][0]:.3f} bits/byte")
     return rows
@@ -121,7 +124,8 @@ def _page(recipe, runs: list[dict], command: str, minutes: float, quick: bool) -
               "- on-policy: on half of the steps (drawn by the step's seed) the student continues each block's first "
               "64 bytes with its own samples, and the JSD is taken on those generated positions only, the teacher "
               "scoring them online; the other steps are the off-policy JSD row's;",
-              "- sequence-level KD: the teacher continues each training block's first 64 bytes greedily, once, and "
-              "the student learns those continuations with CE alone (`distill.sequence_kd: true`); it never sees "
-              "the corpus's own text after the prompts, while it is tested on the corpus.", ""]
+              "- sequence-level KD: the teacher continues each training block's first 64 bytes once, greedily or "
+              "sampled at T=1, and the student learns those continuations with CE alone (`distill.sequence_kd: "
+              "true`, `distill.sequence_temperature`); it never sees the corpus's own text after the prompts, while "
+              "it is tested on the corpus.", ""]
     return "\n".join(lines)
