@@ -286,8 +286,8 @@ def test_the_teacher_writes_each_block_after_its_prompt_greedily_and_the_targets
     with torch.no_grad():
         while by_hand.shape[1] < 13:  # the whole sequence fed back each step, the likeliest next token appended
             by_hand = torch.cat([by_hand, teacher(by_hand)[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(text.x, by_hand[:, :12]) and torch.equal(text.y[:, 3:], by_hand[:, 4:])
-    assert (text.y[:, :3] == -1).all()  # no loss on predicting the corpus's own prompt
+    assert torch.equal(text.x, by_hand[:, :12]) and torch.equal(text.y, by_hand[:, 1:])  # the prompt's own targets
+    assert torch.equal(text.y[:, :3], x[:, 1:4])  # too: the corpus's next tokens, then the teacher's
     with pytest.raises(ConfigError, match=r"distill.prompt_tokens \(12\) must be between 1 and the block length"):
         teacher_text(teacher, Split(x, x), prompt=12)
     sampled = [teacher_text(teacher, Split(x, x), prompt=4, seed=seed).x for seed in (0, 0, 1)]

@@ -1,7 +1,8 @@
 """Sequence-level distillation for language models (Kim & Rush 2016, "Sequence-Level Knowledge Distillation").
 
 The student learns from the teacher's own text instead of the corpus's: each training block keeps its first
-`prompt` tokens, and the teacher writes the rest, sampled at `temperature` (1: the teacher's own distribution;
+`prompt` tokens (learned as the corpus's text: a language model is also scored on short contexts), and the
+teacher writes the rest, sampled at `temperature` (1: the teacher's own distribution;
 0: greedy, its most likely next token at each position, which a small model turns into loops). The
 student is then trained on those sequences with the recipe's terms: CE alone on them is sequence-level KD proper
 (the teacher's outputs, learned as hard targets); a per-token term beside it (`kd`, `jsd`) also matches the
@@ -18,7 +19,6 @@ from torch import nn
 from distil.data import Split
 from distil.errors import ConfigError
 from distil.evaluate import model_device
-from distil.losses import UNLABELED
 from distil.models.gpt import generate
 
 
@@ -27,8 +27,8 @@ def teacher_text(teacher: nn.Module, split: Split, prompt: int, temperature: flo
                  batch_size: int = 256) -> Split:
     """`split`'s token blocks (N, T) with every token after the first `prompt` written by `teacher` (sampled at
     `temperature` from a generator seeded by `seed`, so every process writes the same text; 0: greedy), and their
-    next-token targets; the targets inside the prompt are -1 (no loss: the corpus's text), but for its last
-    position, whose target is the teacher's first token. Generated on the teacher's device, returned on `split`'s.
+    next-token targets: inside the prompt the corpus's next tokens, from its last position on the teacher's.
+    Generated on the teacher's device, returned on `split`'s.
     """
     if split.x.dim() != 2:
         raise ConfigError(f"distill.sequence_kd: the teacher writes text, which needs token blocks (N, T); got "
@@ -44,6 +44,4 @@ def teacher_text(teacher: nn.Module, split: Split, prompt: int, temperature: flo
     written = [generate(teacher, split.x[i:i + batch_size, :prompt].to(where), length + 1 - prompt, temperature,
                         generator=generator).to(split.x.device) for i in range(0, len(split), batch_size)]
     tokens = torch.cat(written)  # (N, T + 1): the prompt, then the teacher's tokens
-    targets = tokens[:, 1:].clone()
-    targets[:, :prompt - 1] = UNLABELED
-    return Split(tokens[:, :-1].contiguous(), targets)
+    return Split(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())

@@ -125,7 +125,7 @@ def _page(recipe, runs: list[dict], command: str, minutes: float, quick: bool) -
               "64 bytes with its own samples, and the JSD is taken on those generated positions only, the teacher "
               "scoring them online; the other steps are the off-policy JSD row's;",
               "- sequence-level KD: the teacher continues each training block's first 64 bytes once, greedily or "
-              "sampled at T=1, and the student learns those continuations with CE alone (`distill.sequence_kd: "
-              "true`, `distill.sequence_temperature`); it never sees the corpus's own text after the prompts, while "
-              "it is tested on the corpus.", ""]
+              "sampled at T=1, and the student learns the prompts (the corpus's next bytes) and those continuations "
+              "with CE alone (`distill.sequence_kd: true`, `distill.sequence_temperature`); it never sees the "
+              "corpus's own text after the prompts, while it is tested on the corpus.", ""]
     return "\n".join(lines)
