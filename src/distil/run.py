@@ -199,7 +199,7 @@ class Run:
         terms = self.one_teacher_terms() if isinstance(teacher, nn.Module) else self.terms()
         distiller = Distiller(student, teacher, terms, scoring=self.scoring,
                               fold_bn=self.recipe.distill.fold_bn).to(self.device)
-        train = self.distill_data(teacher if isinstance(teacher, nn.Module) else teacher["teacher"], name)
+        train = self.distill_data(teacher, name)
         if isinstance(train, Split) and not self.augment:
             d = self.recipe.distill
             cache = TeacherCache(d.cache_dir, d.cache_memory_mb) if d.cache else None
@@ -253,13 +253,16 @@ class Run:
     def distill_train(self) -> Data:
         return self._distill_data
 
-    def distill_data(self, teacher: nn.Module, name: str) -> Data:
+    def distill_data(self, teacher: nn.Module | dict[str, nn.Module], name: str) -> Data:
         """What a student is distilled on: the training split (plus the transfer set), or with
-        `distill.sequence_kd` the same blocks continued by `teacher` after their prompt (`distil.seqkd`)."""
+        `distill.sequence_kd` the same blocks continued by `teacher` (the recipe's, among several) after their
+        prompt (`distil.seqkd`)."""
         d = self.recipe.distill
         if not d.sequence_kd:
             return self.distill_train()
         from distil.seqkd import teacher_text
+
+        teacher = teacher["teacher"] if isinstance(teacher, dict) else teacher
 
         start = time.perf_counter()
         text = teacher_text(teacher.to(self.device), self.distill_train(), d.prompt_tokens, d.sequence_temperature,

@@ -160,8 +160,7 @@ class Sweep:
         once for every trial (through the teacher cache when the recipe keeps it)."""
         if self._train is None:
             run, d = self.run, self.recipe.distill
-            teacher = self.teachers["teacher"] if isinstance(self.teachers, dict) else self.teachers
-            data = run.distill_data(teacher.to(run.device), "sweep")  # with sequence_kd: the teacher's text
+            data = run.distill_data(self.teachers, "sweep")  # with sequence_kd: the teacher's text
             if isinstance(data, Split) and not run.augment:
                 cache = TeacherCache(d.cache_dir, d.cache_memory_mb) if d.cache else None
                 probe = Distiller(run.model("student"), self.teachers, run.terms()).to(run.device)
