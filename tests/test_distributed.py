@@ -132,23 +132,40 @@ CRD_JOB = textwrap.dedent('''
     student = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     teacher = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
     crd = CRD(student="1", teacher="1", num_samples=64, feat_dim=8, negatives=16)
+    first_means = []  # this process's mean score on the first batch, for each anchor (student, then teacher)
+    normaliser = crd._normaliser
+    def spy(z, scores):
+        if len(first_means) < 2:
+            first_means.append(scores.detach().mean())
+        return normaliser(z, scores)
+    crd._normaliser = spy
     fit(Distiller(student, teacher, [crd, CE()]), Split(x, y), None, TrainConfig(epochs=1, batch_size=32), device="cpu")
     import torch.distributed as dist
-    if dist.get_rank() == 0:
-        save_tensors(sys.argv[1], {"memory": crd.student_memory})
+    means = [torch.empty(2) for _ in range(2)]
+    dist.all_gather(means, torch.stack(first_means))
+    save_tensors(f"{sys.argv[1]}/rank{dist.get_rank()}.safetensors",
+                 {"memory": crd.student_memory, "z": torch.stack([crd.z_student, crd.z_teacher]),
+                  "first_means": torch.stack(means)})
 ''')
 
 
-def test_crd_memory_banks_hold_every_processs_rows(tmp_path):
+def test_crd_memory_banks_and_normalisers_are_the_same_on_every_process(tmp_path):
     (tmp_path / "crd_job.py").write_text(CRD_JOB)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(tmp_path / "crd_job.py"), str(tmp_path / "bank.safetensors")], env=env,
+                           str(tmp_path / "crd_job.py"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    memory = load_tensors(tmp_path / "bank.safetensors")[0]["memory"]
+    ranks = [load_tensors(tmp_path / f"rank{r}.safetensors")[0] for r in (0, 1)]
+    memory = ranks[0]["memory"]
     updated = (memory.norm(dim=1) - 1).abs() < 1e-5  # updated rows are unit vectors, initial ones are not
     assert int(updated.sum()) == 64  # both processes' rows, not only rank 0's 32
+    # Z = num_samples * the mean score over the whole first batch (both processes' 16 rows), not over rank 0's
+    # share alone (which DDP's buffer broadcast would otherwise hand to rank 1 from the second step on)
+    first_means = ranks[0]["first_means"]  # (process, anchor)
+    assert not torch.allclose(first_means[0], first_means[1])  # the shares do differ
+    for rank in ranks:
+        torch.testing.assert_close(rank["z"], 64 * first_means.mean(0))
 
 
 ALONE_JOB = textwrap.dedent('''

@@ -238,7 +238,8 @@ class CRD(FeaturePairs):
     b with data-set index i_b, rows r_b = [i_b, K negatives drawn uniformly from the other samples]:
       student-anchored: P_bk = exp(<teacher_memory[r_bk], v_s,b> / nce_t) / Z_s, then `crd_nce_loss`;
       teacher-anchored: P_bk = exp(<student_memory[r_bk], v_t,b> / nce_t) / Z_t, likewise.
-    Z = num_samples * mean(exp(...)) is estimated once, on the first batch, and kept (a buffer: resumes keep it).
+    Z = num_samples * mean(exp(...)) is estimated once, on the first batch (all processes' rows), and kept (a
+    buffer: resumes keep it).
     After each training forward, without gradient, memory[i_b] <- unit(momentum * memory[i_b] + (1 - momentum) v_b).
 
     Paper vs code: the paper's critic is h = e^s / (e^s + N / M) (N negatives, M samples) with the teacher as
@@ -294,8 +295,12 @@ class CRD(FeaturePairs):
 
     @torch.no_grad()
     def _normaliser(self, z: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Z: the stored estimate, or num_samples * mean(scores) on the first batch (kept). No host sync."""
-        z.copy_(torch.where(z > 0, z, scores.mean() * self.num_samples))
+        """Z: the stored estimate, or num_samples * mean(scores) on the first batch (kept). No host sync.
+
+        Under several processes the mean is over the whole batch (the mean of the processes' equal shares'
+        means: one number each), so that every process divides by the same Z, as one process would."""
+        batch_mean = gathered(scores.mean()[None]).mean()
+        z.copy_(torch.where(z > 0, z, batch_mean * self.num_samples))
         return z.clone()
 
     @torch.no_grad()
