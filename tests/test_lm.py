@@ -295,6 +295,28 @@ def test_the_teacher_writes_each_block_after_its_prompt_greedily_and_the_targets
     assert torch.equal(sampled[2][:, :4], x[:, :4]) and not torch.equal(sampled[0], text.x)  # the same text
 
 
+def test_the_teachers_text_is_kept_in_the_cache_and_read_back_for_the_same_teacher_and_settings(tmp_path):
+    from distil.cache import TeacherCache
+    from distil.seqkd import teacher_text
+
+    torch.manual_seed(0)
+    teacher = build_model("gpt", (12,), 256, width=16, depth=1, heads=2).eval()
+    x = torch.randint(0, 256, (5, 12))
+    cache = TeacherCache(tmp_path)
+    events, texts = [], []
+    for temperature, seed in [(1.0, 0), (1.0, 0), (0.0, 0), (1.0, 1), (1.0, 0)]:
+        texts.append(teacher_text(teacher, Split(x, x), prompt=4, temperature=temperature, seed=seed, cache=cache))
+        events.append(cache.last_event)
+    assert events == ["built", "reused", "built", "built", "reused"]  # each setting its own entry
+    fresh = teacher_text(teacher, Split(x, x), prompt=4, seed=0)  # no cache: generated here
+    for text in (texts[1], texts[4]):
+        assert torch.equal(text.x, fresh.x) and torch.equal(text.y, fresh.y) and text.x.dtype == torch.long
+    with torch.no_grad():
+        teacher.head.weight.mul_(2)  # another teacher: never served the first one's text
+    teacher_text(teacher, Split(x, x), prompt=4, cache=cache)
+    assert cache.last_event == "built"
+
+
 def test_a_recipe_with_sequence_kd_distils_on_the_teachers_text_and_says_so(tmp_path):
     from distil.build import load_recipe
     from distil.pipeline import run_pipeline
@@ -310,6 +332,10 @@ def test_a_recipe_with_sequence_kd_distils_on_the_teachers_text_and_says_so(tmp_
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     written = [r for r in log if r.get("event") == "sequence_kd"]
     assert len(written) == 1 and written[0]["stage"] == "distill" and written[0]["prompt_tokens"] == 6
+    assert written[0]["cache"] == "built"
+    run_pipeline(recipe, tmp_path / "again")  # the same teacher (seeded) on the same blocks: its text is read back
+    log = [json.loads(line) for line in (tmp_path / "again" / "log.jsonl").read_text().splitlines()]
+    assert [r["cache"] for r in log if r.get("event") == "sequence_kd"] == ["reused"]
     assert 0 < json.loads((tmp_path / "run" / "metrics.json").read_text())["models"]["student"]["bpb"] < 8.5
     assert "the teacher's continuations (sampled at temperature 1)" in (tmp_path / "run" / "report.md").read_text()
 

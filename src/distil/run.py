@@ -3,9 +3,10 @@ building, training, distilling, saving and loading the run's models."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -201,14 +202,10 @@ class Run:
                               fold_bn=self.recipe.distill.fold_bn).to(self.device)
         train = self.distill_data(teacher, name)
         if isinstance(train, Split) and not self.augment:
-            d = self.recipe.distill
-            cache = TeacherCache(d.cache_dir, d.cache_memory_mb) if d.cache else None
-            group = distributed.Group() if self.alone else self.group  # export's QAT: rank 0 alone, no barrier
-            if cache is not None and not group.main:
-                distributed.barrier(group)  # rank 0 builds the cache entry; the others then read it
-            train = distiller.with_teacher_logits(train, cache=cache, top_k=d.top_k, max_feature_mb=d.max_feature_mb)
-            if cache is not None and group.main:
-                distributed.barrier(group)
+            d, cache = self.recipe.distill, self.teacher_cache()
+            with self.cache_turns(cache):  # rank 0 builds the cache entry; the others then read it
+                train = distiller.with_teacher_logits(train, cache=cache, top_k=d.top_k,
+                                                      max_feature_mb=d.max_feature_mb)
             for teacher_name, event in distiller.cache_events.items():
                 self.log_event({"stage": name, "event": "teacher_cache", "teacher": teacher_name, **event,
                                 "folder": str(cache.folder) if cache is not None else None})
@@ -264,12 +261,29 @@ class Run:
 
         teacher = teacher["teacher"] if isinstance(teacher, dict) else teacher
 
-        start = time.perf_counter()
-        text = teacher_text(teacher.to(self.device), self.distill_train(), d.prompt_tokens, d.sequence_temperature,
-                            seed=self.recipe.seed)
+        start, cache = time.perf_counter(), self.teacher_cache()
+        with self.cache_turns(cache):
+            text = teacher_text(teacher.to(self.device), self.distill_train(), d.prompt_tokens,
+                                d.sequence_temperature, seed=self.recipe.seed, cache=cache)
         self.log_event({"stage": name, "event": "sequence_kd", "blocks": len(text), "prompt_tokens": d.prompt_tokens,
-                        "temperature": d.sequence_temperature, "seconds": round(time.perf_counter() - start, 2)})
+                        "temperature": d.sequence_temperature, "seconds": round(time.perf_counter() - start, 2),
+                        "cache": cache.last_event if cache is not None else None})
         return text
+
+    def teacher_cache(self) -> TeacherCache | None:
+        """The recipe's teacher-output cache (`distill.cache`), or None when it is turned off."""
+        d = self.recipe.distill
+        return TeacherCache(d.cache_dir, d.cache_memory_mb) if d.cache else None
+
+    @contextlib.contextmanager
+    def cache_turns(self, cache: TeacherCache | None) -> Iterator[None]:
+        """Within: fill `cache` on rank 0 first; the other processes wait, then read what it wrote."""
+        group = distributed.Group() if self.alone else self.group  # export's QAT: rank 0 alone, no barrier
+        if cache is not None and not group.main:
+            distributed.barrier(group)
+        yield
+        if cache is not None and group.main:
+            distributed.barrier(group)
 
     @cached_property
     def _distill_data(self) -> Data:

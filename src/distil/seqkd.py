@@ -9,6 +9,10 @@ student is then trained on those sequences with the recipe's terms: CE alone on 
 teacher's distributions along the teacher's own text. Validation and test stay on the corpus.
 
     text = teacher_text(teacher, splits.train, prompt=64)      # recipe: distill.sequence_kd: true
+
+With a `TeacherCache` the text is kept on disk, keyed by the teacher's weights, the blocks, the prompt length,
+the temperature, the seed and the device type (a GPU's sampler draws other numbers than the CPU's), so a rerun,
+a second student or another term reads it back instead of generating it again.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from distil.cache import TeacherCache, cache_key
 from distil.data import Split
 from distil.errors import ConfigError
 from distil.evaluate import model_device
@@ -24,11 +29,11 @@ from distil.models.gpt import generate
 
 @torch.no_grad()
 def teacher_text(teacher: nn.Module, split: Split, prompt: int, temperature: float = 1.0, seed: int = 0,
-                 batch_size: int = 256) -> Split:
+                 batch_size: int = 256, cache: TeacherCache | None = None) -> Split:
     """`split`'s token blocks (N, T) with every token after the first `prompt` written by `teacher` (sampled at
     `temperature` from a generator seeded by `seed`, so every process writes the same text; 0: greedy), and their
     next-token targets: inside the prompt the corpus's next tokens, from its last position on the teacher's.
-    Generated on the teacher's device, returned on `split`'s.
+    Generated on the teacher's device (or read from `cache`: `cache.last_event` says which), returned on `split`'s.
     """
     if split.x.dim() != 2:
         raise ConfigError(f"distill.sequence_kd: the teacher writes text, which needs token blocks (N, T); got "
@@ -40,8 +45,16 @@ def teacher_text(teacher: nn.Module, split: Split, prompt: int, temperature: flo
     if not temperature >= 0:
         raise ConfigError(f"distill.sequence_temperature must be >= 0 (0: greedy), got {temperature}")
     where = model_device(teacher, split.x.device)
-    generator = torch.Generator(device=where).manual_seed(seed)
-    written = [generate(teacher, split.x[i:i + batch_size, :prompt].to(where), length + 1 - prompt, temperature,
-                        generator=generator).to(split.x.device) for i in range(0, len(split), batch_size)]
-    tokens = torch.cat(written)  # (N, T + 1): the prompt, then the teacher's tokens
+
+    def write() -> torch.Tensor:
+        generator = torch.Generator(device=where).manual_seed(seed)
+        return torch.cat([generate(teacher, split.x[i:i + batch_size, :prompt].to(where), length + 1 - prompt,
+                                   temperature, generator=generator).cpu() for i in range(0, len(split), batch_size)])
+
+    if cache is None:
+        tokens = write()
+    else:
+        what = f"sequence_kd:prompt={prompt}:temperature={float(temperature)}:seed={seed}:{where.type}"
+        tokens = cache.get(cache_key(teacher, split.x, what), write)
+    tokens = tokens.to(split.x.device)  # (N, T + 1): the prompt, then the teacher's tokens
     return Split(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())

@@ -27,7 +27,6 @@ from pathlib import Path
 import yaml
 
 from distil.build import build_terms, resolve_term
-from distil.cache import TeacherCache
 from distil.data import Split
 from distil.distiller import Distiller
 from distil.errors import DistilError, NonFiniteLossError, RecipeError
@@ -162,7 +161,7 @@ class Sweep:
             run, d = self.run, self.recipe.distill
             data = run.distill_data(self.teachers, "sweep")  # with sequence_kd: the teacher's text
             if isinstance(data, Split) and not run.augment:
-                cache = TeacherCache(d.cache_dir, d.cache_memory_mb) if d.cache else None
+                cache = run.teacher_cache()
                 probe = Distiller(run.model("student"), self.teachers, run.terms()).to(run.device)
                 data = probe.with_teacher_logits(data, cache=cache, top_k=d.top_k, max_feature_mb=d.max_feature_mb)
                 for name, event in probe.cache_events.items():
