@@ -95,12 +95,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--student-width", type=int, default=100)
+    parser.add_argument("--compile", action="store_true", help="distil's rows with compile=True (the hand rows stay "
+                        "eager; compiling happens in the warm-up round)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     splits = load_splits("mnist1d", {"num_samples": 5000, "transfer_size": args.transfer}, seed=0)
     train = splits.with_transfer()
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=3e-3)
-    run = dict(device=device, precision=args.precision)
+    run = dict(device=device, precision=args.precision, compile=args.compile)
     torch.manual_seed(0)
     teacher = build_model("cnn1d", (1, 40), 10, width=100, depth=3).to(device).eval().requires_grad_(False)
 
@@ -154,7 +156,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     params = sum(p.numel() for p in student().parameters())
     print(f"one epoch of {len(train):,} samples ({len(splits.train):,} labelled + {args.transfer:,} transfer), batch "
-          f"{args.batch_size}, {args.precision}, {name}; median of {args.rounds} rounds; student {params:,} parameters")
+          f"{args.batch_size}, {args.precision}{', distil compiled' if args.compile else ''}, {name}; median of "
+          f"{args.rounds} rounds; student {params:,} parameters")
     for key, label in [("hand", "hand-written KD loop (DataLoader)"), ("online", "distil, teacher online"),
                        ("cached", "distil, cached teacher logits"), ("student", "distil, student alone on labels")]:
         print(f"  {label:<36} {median[key]:7.3f} s   {len(train) / median[key]:>10,.0f} samples/s")

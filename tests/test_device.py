@@ -194,6 +194,37 @@ def test_compile_trains_and_keeps_the_state_dict_keys():
     assert accuracy(model, blob_split(300, seed=2)) > 0.85
 
 
+@pytest.mark.slow
+def test_a_compiled_distillation_step_is_one_graph_and_trains_as_the_eager_one():
+    """compile: true traces the whole step (student, cached teacher logits, loss terms) as one graph, so the
+    terms' small operations fuse with the student's; with no graph break, and the same weights as eager."""
+    from distil.batches import Batch, Progress
+
+    data = blob_split()
+    teacher = mlp(1)
+    fit(ClassificationTask(teacher), data, None, TrainConfig(epochs=2, batch_size=32, lr=0.05))
+
+    def distilled(compile: bool) -> tuple[Distiller, object]:
+        distiller = Distiller(mlp(0), teacher, [KD(T=4, weight=0.9), CE(weight=0.1)])
+        cached = distiller.with_teacher_logits(data)
+        fit(distiller, cached, None, TrainConfig(epochs=2, batch_size=32, lr=0.02), compile=compile)
+        return distiller, cached
+
+    (eager, _), (compiled, cached) = distilled(False), distilled(True)
+    for name, weights in eager.student.state_dict().items():
+        torch.testing.assert_close(compiled.student.state_dict()[name], weights, atol=1e-5, rtol=1e-4)
+    batch = Batch(cached.x[:32], cached.y[:32], torch.arange(32), None,
+                  {name: logits[:32] for name, logits in cached.teacher_logits.items()})
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    step = Distiller(mlp(0), teacher, [KD(T=4, weight=0.9), CE(weight=0.1)])
+    step.compile()
+    step(batch, Progress(0, 0, 8, 2))
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+
+
 
 def test_model_device_reads_parameters_then_buffers_then_the_default():
     assert model_device(nn.Linear(2, 2).to("meta")) == torch.device("meta")

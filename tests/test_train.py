@@ -108,3 +108,25 @@ def test_a_label_outside_the_class_range_in_a_dataset_is_a_clear_error():
     with pytest.raises(DataError, match=r"batch.s labels: Target 5 is out of bounds. Labels must be 0..K-1"):
         fit(ClassificationTask(mlp(0, dropout=0.1)), TensorDataset(data.x, y), None,
             TrainConfig(epochs=1, batch_size=32))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_optimisers_are_fused_where_torch_has_the_kernels_and_step_as_the_default_ones(optimizer):
+    from distil.train import make_optimizer
+
+    cfg = TrainConfig(optimizer=optimizer, lr=0.05, weight_decay=1e-3, momentum=0.9)
+    models = [mlp(0), mlp(0)]
+    fused = make_optimizer(models[0], cfg)
+    assert fused.defaults["fused"] is True  # one kernel for every parameter (CPU and CUDA)
+    plain = (torch.optim.AdamW(models[1].parameters(), lr=0.05, weight_decay=1e-3) if optimizer == "adamw" else
+             torch.optim.SGD(models[1].parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True))
+    data = blob_split(64)
+    for model, opt in zip(models, (fused, plain)):
+        for _ in range(20):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(data.x), data.y).backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # the same updates, to float rounding
+    on_meta = make_optimizer(mlp(0).to("meta"), cfg)  # no fused kernels there: torch's default
+    assert not on_meta.defaults["fused"]

@@ -125,9 +125,12 @@ class ClassificationTask:
             check_class_targets(targets, self.num_classes, allow_unlabeled=True)
 
     def forward(self, batch: Batch, progress: Progress | None = None) -> StepOutput:
-        logits = self.model(batch.inputs)
-        loss = ce_loss(logits, batch.targets, self.label_smoothing)
+        logits, loss = self._logits_and_loss(batch.inputs, batch.targets)
         return StepOutput(loss, {"ce": loss}, logits)
+
+    def _logits_and_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(inputs)
+        return logits, ce_loss(logits, targets, self.label_smoothing)
 
     __call__ = forward
 
@@ -142,8 +145,9 @@ class ClassificationTask:
         return self
 
     def compile(self) -> None:
-        """torch.compile the model in place (its weights and state_dict keys stay the same)."""
-        self.model.compile()
+        """torch.compile the training step's forward, the model and its loss as one graph (the model itself, its
+        weights and state_dict keys stay as they are)."""
+        self._logits_and_loss = torch.compile(self._logits_and_loss)
 
 
 class Distiller(nn.Module):
@@ -191,12 +195,12 @@ class Distiller(nn.Module):
         read = set(self._term_teacher).union(*ensembles)
         self.needed = [name for name in teachers if name in read]  # teachers run each step
         # where each teacher's cached features of each tapped layer sit in a batch: layer -> "teacher/layer"
-        self._feature_keys = {name: {layer: feature_key(name, layer) for layer in taps.modules}
-                              for name, taps in self.teacher_taps.items()}
+        self._feature_keys = {name: tuple((layer, feature_key(name, layer)) for layer in taps.modules)
+                              for name, taps in self.teacher_taps.items()}  # pairs: torch.compile iterates them
         self._teacher_map = MappingProxyType(dict(teachers))  # read at every step; not registered either
         # what runs of each teacher, chosen at its first forward pass (`_runner`): the teacher itself, or a copy
         # with its BatchNorm folded in. A teacher whose outputs are all cached never runs, and is never copied.
-        self._fold_bn, self._compile_runners = fold_bn, False
+        self._fold_bn = fold_bn
         self._runners: dict[str, nn.Module] = {}
         self._built_from: dict[str, tuple] = {}  # each runner's teacher, as it was when the runner was made
         self.num_classes: int | None = None
@@ -233,15 +237,11 @@ class Distiller(nn.Module):
         return self
 
     def compile(self) -> None:
-        """torch.compile the student, the teachers (what runs of them, when they first run) and the loss terms in
-        place (state_dict keys stay the same): the terms' small operations (softmaxes, KL) then fuse into a few
-        kernels, forward and backward."""
-        self.student.compile()
-        self._compile_runners = True
-        for runner in {id(r): r for r in self._runners.values()}.values():
-            runner.compile()
-        for term in self.terms:
-            term.compile()
+        """torch.compile the training step's forward as one graph: the student, what runs of the teachers and
+        every loss term, so the terms' small operations (softmaxes, KL) fuse with the student's into a few
+        kernels, forward and backward (state_dict keys stay the same; `score`, `prepare` and
+        `with_teacher_logits` run as they are)."""
+        super().compile()
 
     def _runner(self, name: str, inputs: torch.Tensor, keep: bool = True) -> nn.Module:
         """What runs of teacher `name`: at its first forward pass, a copy with its BatchNorm folded in
@@ -258,8 +258,6 @@ class Distiller(nn.Module):
                 elif folded is not teacher:
                     log.warning("teacher '%s' with its BatchNorm folded gives other outputs than the teacher itself: "
                                 "running it unfolded", name)
-            if self._compile_runners:
-                runner.compile()
             if keep:
                 self._runners[name], self._built_from[name] = runner, weights_signature(teacher)
         return runner
@@ -297,12 +295,12 @@ class Distiller(nn.Module):
             check_class_targets(targets, self.num_classes, allow_unlabeled=True)
 
     def _views(self, batch: Batch, progress: Progress | None = None) -> Views:
-        with self.student_taps:
+        with _tapping(self.student_taps):
             outputs = {STUDENT: Outputs(self.student(batch.inputs), self.student_taps.outputs)}
         teachers = self._teacher_map
         for name in self.needed:
             taps, keys, stored = self.teacher_taps[name], self._feature_keys[name], batch.teacher_logits
-            if name in stored and all(key in stored for key in keys.values()):
+            if name in stored and all(key in stored for _, key in keys):
                 logits = stored[name]
                 if name in self._packed:  # per-token top-k, stored packed: (B, T, 2k+1) -> (B, T, V)
                     logits = top_k_unpack(logits, self._packed[name])
@@ -312,9 +310,9 @@ class Distiller(nn.Module):
                         f"student's vocabulary {outputs[STUDENT].logits.shape[-1]}: they are top-k logits packed by "
                         "another Distiller's with_teacher_logits. Call with_teacher_logits on this Distiller (with a "
                         "TeacherCache the logits are read back, not recomputed).")
-                outputs[name] = Outputs(logits, {layer: stored[key] for layer, key in keys.items()})
+                outputs[name] = Outputs(logits, {layer: stored[key] for layer, key in keys})
                 continue
-            with torch.no_grad(), taps:
+            with torch.no_grad(), _tapping(taps):
                 outputs[name] = Outputs(self._runner(name, batch.inputs)(batch.inputs), taps.outputs)
         return Views(outputs, batch.targets, tuple(teachers), batch.index, batch.mask, progress or Progress())
 
@@ -395,6 +393,12 @@ class Distiller(nn.Module):
     def save_connectors(self, path) -> None:
         """Write the connectors (training-only parts) to their own file, apart from the student."""
         save_tensors(path, {k: v for k, v in self.terms.state_dict().items()})
+
+
+def _tapping(taps: FeatureTaps):
+    """`taps` as the context of a forward pass, or nothing when it taps no layer: a graph that torch.compile
+    traces whole (entering taps registers hooks, which breaks the graph)."""
+    return taps if taps.modules else contextlib.nullcontext()
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -83,13 +83,18 @@ class Step(nn.Module):
         self._task = (task,)  # a tuple: not a submodule
 
     def forward(self, batch, progress):
-        return self._task[0].forward(batch, progress)
+        return step_of(self._task[0])(batch, progress)
+
+
+def step_of(task) -> Callable:
+    """The task's step: a module's call (which `nn.Module.compile` compiles, forward and all), else its forward."""
+    return task if isinstance(task, nn.Module) else task.forward
 
 
 def wrap(task, device: torch.device, here: Group):
     """A callable `(batch, progress) -> StepOutput`: the task's own forward, or through DDP under a launcher."""
     if not here.active:
-        return task.forward
+        return step_of(task)
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
