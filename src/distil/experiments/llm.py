@@ -102,8 +102,9 @@ def _one_seed(recipe, args: dict, seed: int, quick: bool, log: Callable[[str], N
 def _page(recipe, runs: list[dict], command: str, minutes: float, quick: bool) -> str:
     base = statistics.mean(r["baseline (CE only)"][0] for r in runs)
     kd_seconds = statistics.mean(r["forward KL (kd, T=1)"][1] for r in runs)
+    threads = torch.get_num_threads()
     lines = [f"# Language-model distillation: `{command}`", "",
-             f"Written by `{command}` ({minutes:.0f} min on {torch.get_num_threads()} CPU threads), on "
+             f"Written by `{command}` ({minutes:.0f} min on {threads} CPU thread{'s' if threads > 1 else ''}), on "
              f"`recipes/pylm.yaml`{' shrunk (--quick: 200 kB of text, tiny models, 1 epoch)' if quick else ''}: "
              f"the teacher {recipe.teacher.model} {recipe.teacher.knobs()}, the student {recipe.student.model} "
              f"{recipe.student.knobs()}, byte-level blocks of {recipe.data.args.get('block', 128)} from the Python "
