@@ -198,6 +198,8 @@ def test_compile_trains_and_keeps_the_state_dict_keys():
 def test_a_compiled_distillation_step_is_one_graph_and_trains_as_the_eager_one():
     """compile: true traces the whole step (student, cached teacher logits, loss terms) as one graph, so the
     terms' small operations fuse with the student's; with no graph break, and the same weights as eager."""
+    from torch._dynamo.utils import counters
+
     from distil.batches import Batch, Progress
 
     data = blob_split()
@@ -210,13 +212,14 @@ def test_a_compiled_distillation_step_is_one_graph_and_trains_as_the_eager_one()
         fit(distiller, cached, None, TrainConfig(epochs=2, batch_size=32, lr=0.02), compile=compile)
         return distiller, cached
 
+    torch._dynamo.reset()
+    counters.clear()
     (eager, _), (compiled, cached) = distilled(False), distilled(True)
+    assert counters["stats"]["unique_graphs"] >= 1  # fit ran the compiled step
     for name, weights in eager.student.state_dict().items():
         torch.testing.assert_close(compiled.student.state_dict()[name], weights, atol=1e-5, rtol=1e-4)
     batch = Batch(cached.x[:32], cached.y[:32], torch.arange(32), None,
                   {name: logits[:32] for name, logits in cached.teacher_logits.items()})
-    from torch._dynamo.utils import counters
-
     torch._dynamo.reset()
     counters.clear()
     step = Distiller(mlp(0), teacher, [KD(T=4, weight=0.9), CE(weight=0.1)])

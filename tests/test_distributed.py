@@ -134,10 +134,10 @@ CRD_JOB = textwrap.dedent('''
     crd = CRD(student="1", teacher="1", num_samples=64, feat_dim=8, negatives=16)
     first_means = []  # this process's mean score on the first batch, for each anchor (student, then teacher)
     normaliser = crd._normaliser
-    def spy(z, scores):
+    def spy(name, scores):
         if len(first_means) < 2:
             first_means.append(scores.detach().mean())
-        return normaliser(z, scores)
+        return normaliser(name, scores)
     crd._normaliser = spy
     fit(Distiller(student, teacher, [crd, CE()]), Split(x, y), None, TrainConfig(epochs=1, batch_size=32), device="cpu")
     import torch.distributed as dist

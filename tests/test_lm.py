@@ -304,17 +304,32 @@ def test_the_teachers_text_is_kept_in_the_cache_and_read_back_for_the_same_teach
     x = torch.randint(0, 256, (5, 12))
     cache = TeacherCache(tmp_path)
     events, texts = [], []
-    for temperature, seed in [(1.0, 0), (1.0, 0), (0.0, 0), (1.0, 1), (1.0, 0)]:
-        texts.append(teacher_text(teacher, Split(x, x), prompt=4, temperature=temperature, seed=seed, cache=cache))
+    other = x.clone()
+    other[0, 5] += 1  # one token changed (after the prompt: the teacher's text would be the same)
+    for temperature, seed, prompt, tokens, batch in [(1.0, 0, 4, x, 256), (1.0, 0, 4, x, 256), (0.0, 0, 4, x, 256),
+                                                     (1.0, 1, 4, x, 256), (1.0, 0, 5, x, 256), (1.0, 0, 4, other, 256),
+                                                     (1.0, 0, 4, x, 2), (1.0, 0, 4, x, 256)]:
+        texts.append(teacher_text(teacher, Split(tokens, tokens), prompt=prompt, temperature=temperature, seed=seed,
+                                  batch_size=batch, cache=cache))
         events.append(cache.last_event)
-    assert events == ["built", "reused", "built", "built", "reused"]  # each setting its own entry
+    assert events == ["built", "reused"] + ["built"] * 5 + ["reused"]  # each setting its own entry
     fresh = teacher_text(teacher, Split(x, x), prompt=4, seed=0)  # no cache: generated here
-    for text in (texts[1], texts[4]):
+    for text in (texts[1], texts[-1]):
         assert torch.equal(text.x, fresh.x) and torch.equal(text.y, fresh.y) and text.x.dtype == torch.long
-    with torch.no_grad():
-        teacher.head.weight.mul_(2)  # another teacher: never served the first one's text
-    teacher_text(teacher, Split(x, x), prompt=4, cache=cache)
+    more_heads = build_model("gpt", (12,), 256, width=16, depth=1, heads=4).eval()
+    more_heads.load_state_dict(teacher.state_dict())  # the same weights, another model: never the first one's text
+    teacher_text(more_heads, Split(x, x), prompt=4, cache=cache)
     assert cache.last_event == "built"
+    with torch.no_grad():
+        teacher.head.weight.mul_(2)  # other weights: likewise
+    doubled = teacher_text(teacher, Split(x, x), prompt=4, cache=cache)
+    assert cache.last_event == "built"
+    reader = TeacherCache(tmp_path, read_only=True)  # the other processes: read what is there, write nothing
+    assert torch.equal(teacher_text(teacher, Split(x, x), prompt=4, cache=reader).x, doubled.x)
+    assert reader.last_event == "reused"
+    entries = len(list(tmp_path.glob("*.npy")))
+    teacher_text(teacher, Split(x, x), prompt=4, seed=7, cache=reader)
+    assert reader.last_event == "computed" and len(list(tmp_path.glob("*.npy"))) == entries
 
 
 def test_a_recipe_with_sequence_kd_distils_on_the_teachers_text_and_says_so(tmp_path):

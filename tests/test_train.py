@@ -130,3 +130,33 @@ def test_optimisers_are_fused_where_torch_has_the_kernels_and_step_as_the_defaul
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # the same updates, to float rounding
     on_meta = make_optimizer(mlp(0).to("meta"), cfg)  # no fused kernels there: torch's default
     assert not on_meta.defaults["fused"]
+
+
+def test_a_checkpoint_of_an_unfused_optimiser_resumes_into_the_fused_one(tmp_path):
+    """Checkpoints written before optimisers were fused (or on a device without the kernels) resume fused: the
+    optimiser keeps its own implementation, and its state (AdamW's moments and step) carries over."""
+    from distil.train import FitResult, _resume, _save_state, make_optimizer, make_scheduler
+
+    cfg = TrainConfig(optimizer="adamw", lr=0.01, epochs=2)
+    data = blob_split(64)
+
+    def steps(model, optimizer, n):
+        for _ in range(n):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(data.x), data.y).backward()
+            optimizer.step()
+
+    model = mlp(0)
+    plain = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=cfg.weight_decay)
+    steps(model, plain, 5)
+    _save_state(tmp_path / "s.safetensors", model, plain, make_scheduler(plain, cfg, 5), torch.amp.GradScaler(
+        "cpu", enabled=False), FitResult())
+    resumed = mlp(1)
+    fused = make_optimizer(resumed, cfg)
+    _resume(tmp_path / "s.safetensors", resumed, fused, make_scheduler(fused, cfg, 5),
+            torch.amp.GradScaler("cpu", enabled=False))
+    assert fused.param_groups[0]["fused"] is True and not fused.param_groups[0]["foreach"]
+    steps(model, plain, 3)
+    steps(resumed, fused, 3)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -32,9 +32,11 @@ def default_folder() -> Path:
 
 
 def cache_keys(teacher: nn.Module, inputs: torch.Tensor, whats: list[str]) -> list[str]:
-    """For each of `whats`, a hash of the teacher's weights (names, shapes, values), the inputs and what is
-    computed from them ("logits", "top5", "features:layer3"); the weights and inputs are read once."""
+    """For each of `whats`, a hash of the teacher (its modules as printed, which shows settings that hold no
+    weight, such as attention heads; its weights' names, shapes and values), the inputs and what is computed from
+    them ("logits", "top5", "features:layer3"); the weights and inputs are read once."""
     digest = hashlib.blake2b(digest_size=12)
+    digest.update(repr(teacher).encode())
     for name, tensor in sorted(teacher.state_dict().items()):
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -64,12 +66,14 @@ def _checksum(path: Path) -> str:
 class TeacherCache:
     """A folder of cached teacher outputs: `get(key, compute)` returns the stored tensor or computes and stores it.
 
-    `last_event` says what the latest `get` did: "reused", "built" or "rebuilt (<why>)".
+    `last_event` says what the latest `get` did: "reused", "built" or "rebuilt (<why>)". A `read_only` cache
+    reads entries but never writes one ("computed" when it had to compute): under several processes, rank 0
+    writes and the others compute for themselves what is not there yet, instead of waiting for it.
     """
 
-    def __init__(self, folder: str | Path | None = None, memory_mb: float = 256.0) -> None:
+    def __init__(self, folder: str | Path | None = None, memory_mb: float = 256.0, read_only: bool = False) -> None:
         self.folder = Path(folder) if folder else default_folder()
-        self.memory_mb = memory_mb
+        self.memory_mb, self.read_only = memory_mb, read_only
         self.last_event = ""
 
     @property
@@ -88,6 +92,9 @@ class TeacherCache:
         if problem is None:
             self.last_event = "reused"
             return self._read(path, entry)
+        if self.read_only:
+            self.last_event = "computed"
+            return compute().detach().cpu().contiguous()
         if problem != "absent":
             log.warning("teacher cache entry %s is %s: rebuilding it", key, problem)
         values = compute().detach().cpu().contiguous()

@@ -261,19 +261,20 @@ class Run:
 
         teacher = teacher["teacher"] if isinstance(teacher, dict) else teacher
 
-        start, cache = time.perf_counter(), self.teacher_cache()
-        with self.cache_turns(cache):
-            text = teacher_text(teacher.to(self.device), self.distill_train(), d.prompt_tokens,
-                                d.sequence_temperature, seed=self.recipe.seed, cache=cache)
+        # every process writes the same (seeded) text: rank 0 stores it, the others read it if it is there and
+        # write their own copy if not, rather than wait (generation can take longer than a collective's timeout)
+        start, cache = time.perf_counter(), self.teacher_cache(read_only=not self.group.main)
+        text = teacher_text(teacher.to(self.device), self.distill_train(), d.prompt_tokens, d.sequence_temperature,
+                            seed=self.recipe.seed, cache=cache)
         self.log_event({"stage": name, "event": "sequence_kd", "blocks": len(text), "prompt_tokens": d.prompt_tokens,
                         "temperature": d.sequence_temperature, "seconds": round(time.perf_counter() - start, 2),
                         "cache": cache.last_event if cache is not None else None})
         return text
 
-    def teacher_cache(self) -> TeacherCache | None:
+    def teacher_cache(self, read_only: bool = False) -> TeacherCache | None:
         """The recipe's teacher-output cache (`distill.cache`), or None when it is turned off."""
         d = self.recipe.distill
-        return TeacherCache(d.cache_dir, d.cache_memory_mb) if d.cache else None
+        return TeacherCache(d.cache_dir, d.cache_memory_mb, read_only) if d.cache else None
 
     @contextlib.contextmanager
     def cache_turns(self, cache: TeacherCache | None) -> Iterator[None]:

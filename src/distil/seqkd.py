@@ -10,9 +10,9 @@ teacher's distributions along the teacher's own text. Validation and test stay o
 
     text = teacher_text(teacher, splits.train, prompt=64)      # recipe: distill.sequence_kd: true
 
-With a `TeacherCache` the text is kept on disk, keyed by the teacher's weights, the blocks, the prompt length,
-the temperature, the seed and the device type (a GPU's sampler draws other numbers than the CPU's), so a rerun,
-a second student or another term reads it back instead of generating it again.
+With a `TeacherCache` the text is kept on disk, keyed by the teacher, the blocks, the prompt length, the
+temperature, the seed, the batch size and the device type (a GPU's sampler draws other numbers than the CPU's),
+so a rerun, a second student or another term reads it back instead of generating it again.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def teacher_text(teacher: nn.Module, split: Split, prompt: int, temperature: flo
     if cache is None:
         tokens = write()
     else:
-        what = f"sequence_kd:prompt={prompt}:temperature={float(temperature)}:seed={seed}:{where.type}"
+        # the batch size too: one generator draws for every batch in turn, so the batches' size shapes the text
+        what = (f"sequence_kd:prompt={prompt}:temperature={float(temperature)}:seed={seed}:batch={batch_size}:"
+                f"{where.type}")
         tokens = cache.get(cache_key(teacher, split.x, what), write)
     tokens = tokens.to(split.x.device)  # (N, T + 1): the prompt, then the teacher's tokens
     return Split(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())

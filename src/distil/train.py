@@ -276,12 +276,12 @@ def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         make = functools.partial(torch.optim.AdamW, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use 'sgd' or 'adamw'")
-    return make(fused=True) if _fusable(params) else make()
-
-
-def _fusable(params: list[torch.Tensor]) -> bool:
-    """True when every parameter is a floating-point tensor on the CPU or a CUDA GPU (torch's fused kernels)."""
-    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    if all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params):
+        try:
+            return make(fused=True)
+        except (RuntimeError, TypeError):  # a torch without fused kernels for this device (CPU: torch < 2.4)
+            pass
+    return make()
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -326,7 +326,8 @@ def _save_state(path: Path, module: nn.Module, optimizer, scheduler, scaler, res
 
 def _resume(path: Path, module: nn.Module, optimizer, scheduler, scaler) -> FitResult:
     # read onto the CPU: load_state_dict copies weights to the module's device and moves optimiser state to its
-    # parameters' device, except Adam's `step`, which must stay on the CPU (a device `step` costs a sync per step)
+    # parameters' device (Adam's `step` too when fused; unfused, it stays on the CPU: a device `step` would cost
+    # a sync per step). The optimiser keeps its own implementation (fused or not), whatever the checkpoint's was.
     tensors, meta = load_tensors(path)
     module.load_state_dict({k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")})
     state: dict[int, dict] = {}
@@ -337,7 +338,10 @@ def _resume(path: Path, module: nn.Module, optimizer, scheduler, scaler) -> FitR
     for key, value in meta["optim_scalars"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    how = ("fused", "foreach")
+    groups = [{**saved, **{k: now[k] for k in how if k in now}}
+              for saved, now in zip(meta["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
     scheduler.load_state_dict(meta["scheduler"])
     if meta.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(meta["scaler"])

@@ -264,6 +264,7 @@ class CRD(FeaturePairs):
             self.register_buffer(bank, torch.rand(num_samples, feat_dim).mul_(2 * bound).sub_(bound))
         self.register_buffer("z_student", torch.tensor(-1.0))  # < 0: not yet estimated
         self.register_buffer("z_teacher", torch.tensor(-1.0))
+        self._z_known: set[str] = set()  # the buffers set by now (estimated here, or loaded): after the first call
 
     def build(self, views: Views) -> None:
         """Check the sample indices, then build both heads from the dry run's shapes, on the features' device."""
@@ -287,20 +288,24 @@ class CRD(FeaturePairs):
         student_rows = self.student_memory.index_select(0, rows.flatten()).view(*rows.shape, -1)
         student_scores = contrast_scores(student_embed, teacher_rows, self.nce_t)  # (B, 1+K)
         teacher_scores = contrast_scores(teacher_embed, student_rows, self.nce_t)
-        loss = (crd_nce_loss(student_scores / self._normaliser(self.z_student, student_scores), self.num_samples)
-                + crd_nce_loss(teacher_scores / self._normaliser(self.z_teacher, teacher_scores), self.num_samples))
+        loss = (crd_nce_loss(student_scores / self._normaliser("z_student", student_scores), self.num_samples)
+                + crd_nce_loss(teacher_scores / self._normaliser("z_teacher", teacher_scores), self.num_samples))
         if self.training:
             self._remember(index, student_embed, teacher_embed)
         return loss
 
     @torch.no_grad()
-    def _normaliser(self, z: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def _normaliser(self, name: str, scores: torch.Tensor) -> torch.Tensor:
         """Z: the stored estimate, or num_samples * mean(scores) on the first batch (kept). No host sync.
 
         Under several processes the mean is over the whole batch (the mean of the processes' equal shares'
-        means: one number each), so that every process divides by the same Z, as one process would."""
-        batch_mean = gathered(scores.mean()[None]).mean()
-        z.copy_(torch.where(z > 0, z, batch_mean * self.num_samples))
+        means: one number each), so that every process divides by the same Z, as one process would. That gather
+        runs on the first call only (every process makes it at the same step); later calls read the buffer."""
+        z = getattr(self, name)  # the buffer z_student or z_teacher
+        if name not in self._z_known:
+            batch_mean = gathered(scores.mean()[None]).mean()
+            z.copy_(torch.where(z > 0, z, batch_mean * self.num_samples))
+            self._z_known.add(name)
         return z.clone()
 
     @torch.no_grad()

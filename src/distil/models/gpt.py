@@ -23,6 +23,9 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, dropout={self.dropout}"  # in repr: the teacher cache's key reads it
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.step(x)[0]
 
