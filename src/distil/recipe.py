@@ -167,7 +167,7 @@ class Recipe(_Section):
     seed: int = 0
     device: str = "auto"  # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 with loss scaling)
-    compile: bool = False  # torch.compile the models being trained
+    compile: bool = False  # torch.compile each training step (student, teachers that run, loss terms) as one graph
     data: DataSection = Field(default_factory=DataSection)
     teacher: ModelSection = Field(default_factory=lambda: ModelSection(model="cnn1d"))
     student: ModelSection = Field(default_factory=ModelSection)
