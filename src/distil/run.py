@@ -200,15 +200,7 @@ class Run:
         terms = self.one_teacher_terms() if isinstance(teacher, nn.Module) else self.terms()
         distiller = Distiller(student, teacher, terms, scoring=self.scoring,
                               fold_bn=self.recipe.distill.fold_bn).to(self.device)
-        train = self.distill_data(teacher, name)
-        if isinstance(train, Split) and not self.augment:
-            d, cache = self.recipe.distill, self.teacher_cache()
-            with self.cache_turns(cache):  # rank 0 builds the cache entry; the others then read it
-                train = distiller.with_teacher_logits(train, cache=cache, top_k=d.top_k,
-                                                      max_feature_mb=d.max_feature_mb)
-            for teacher_name, event in distiller.cache_events.items():
-                self.log_event({"stage": name, "event": "teacher_cache", "teacher": teacher_name, **event,
-                                "folder": str(cache.folder) if cache is not None else None})
+        train = self.with_teacher_outputs(distiller, self.distill_data(teacher, name), name)
         task = distiller
         if self.recipe.distill.on_policy > 0:
             from distil.onpolicy import OnPolicyDistiller
@@ -270,6 +262,19 @@ class Run:
                         "temperature": d.sequence_temperature, "seconds": round(time.perf_counter() - start, 2),
                         "cache": cache.last_event if cache is not None else None})
         return text
+
+    def with_teacher_outputs(self, distiller: Distiller, data: Data, name: str) -> Data:
+        """`data` with `distiller`'s teacher outputs computed once (through the recipe's teacher cache, rank 0
+        first; each cache event logged for stage `name`), when it is in memory and not augmented; else `data`."""
+        if not isinstance(data, Split) or self.augment:
+            return data
+        d, cache = self.recipe.distill, self.teacher_cache()
+        with self.cache_turns(cache):  # rank 0 builds the cache entry; the others then read it
+            data = distiller.with_teacher_logits(data, cache=cache, top_k=d.top_k, max_feature_mb=d.max_feature_mb)
+        for teacher_name, event in distiller.cache_events.items():
+            self.log_event({"stage": name, "event": "teacher_cache", "teacher": teacher_name, **event,
+                            "folder": str(cache.folder) if cache is not None else None})
+        return data
 
     def teacher_cache(self, read_only: bool = False) -> TeacherCache | None:
         """The recipe's teacher-output cache (`distill.cache`), or None when it is turned off."""

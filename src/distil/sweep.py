@@ -158,20 +158,15 @@ class Sweep:
         """The distillation set with the teacher's logits (and the features that feature terms read), computed
         once for every trial (through the teacher cache when the recipe keeps it)."""
         if self._train is None:
-            run, d = self.run, self.recipe.distill
+            run = self.run
+            probe = Distiller(run.model("student"), self.teachers, run.terms()).to(run.device)
             data = run.distill_data(self.teachers, "sweep")  # with sequence_kd: the teacher's text
-            if isinstance(data, Split) and not run.augment:
-                cache = run.teacher_cache()
-                probe = Distiller(run.model("student"), self.teachers, run.terms()).to(run.device)
-                data = probe.with_teacher_logits(data, cache=cache, top_k=d.top_k, max_feature_mb=d.max_feature_mb)
-                for name, event in probe.cache_events.items():
-                    run.log_event({"stage": "sweep", "event": "teacher_cache", "teacher": name, **event,
-                                   "folder": str(cache.folder) if cache is not None else None})
-                if data.teacher_logits and "teacher" in data.teacher_logits:
-                    cached = f" (teacher cache: {probe.cache_events['teacher']['status']})" \
-                        if "teacher" in probe.cache_events else ""
-                    self.say(f"teacher logits on the {len(data):,} distillation samples computed once{cached}, shared "
-                             "by every trial")
+            data = run.with_teacher_outputs(probe, data, "sweep")
+            if isinstance(data, Split) and data.teacher_logits and "teacher" in data.teacher_logits:
+                cached = f" (teacher cache: {probe.cache_events['teacher']['status']})" \
+                    if "teacher" in probe.cache_events else ""
+                self.say(f"teacher logits on the {len(data):,} distillation samples computed once{cached}, shared "
+                         "by every trial")
             if not (isinstance(data, Split) and data.teacher_logits):
                 self.say("the teacher runs at every step of every trial: the data is augmented or not in memory, "
                          "or its outputs are too large to keep (see log.jsonl)")
