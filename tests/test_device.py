@@ -141,6 +141,38 @@ def test_bf16_on_the_gpu_and_checkpoints_that_cross_devices(tmp_path):
     assert all(torch.equal(on_gpu[k].cpu(), v) for k, v in weights.items())
 
 
+
+@pytest.mark.cuda
+def test_fp16_on_the_gpu_steps_the_fused_optimiser_through_the_loss_scaler():
+    """fp16 on a GPU: the scaler hands its scale and overflow flag to the fused AdamW kernel; training still
+    converges, and the optimiser that ran is the fused one."""
+    from distil.train import make_optimizer
+
+    model = mlp(0)
+    fit(ClassificationTask(model), blob_split(), None, TrainConfig(epochs=3, batch_size=32, lr=0.02), device="cuda",
+        precision="fp16")
+    assert make_optimizer(model, TrainConfig()).defaults["fused"] is True
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert accuracy(model, blob_split(300, seed=2)) > 0.85
+
+
+@pytest.mark.cuda
+def test_a_compiled_distillation_step_on_the_gpu_trains_as_the_eager_one():
+    teacher = mlp(1)
+    data = blob_split()
+    fit(ClassificationTask(teacher), data, None, TrainConfig(epochs=2, batch_size=32, lr=0.05))
+
+    def distilled(compile: bool) -> Distiller:
+        torch.manual_seed(0)
+        distiller = Distiller(mlp(0), teacher, [KD(T=4, weight=0.9), CE(weight=0.1)])
+        fit(distiller, distiller.with_teacher_logits(data), None, TrainConfig(epochs=2, batch_size=32, lr=0.02),
+            device="cuda", compile=compile)
+        return distiller
+
+    eager, compiled = distilled(False), distilled(True)
+    for name, weights in eager.student.state_dict().items():
+        torch.testing.assert_close(compiled.student.state_dict()[name], weights, atol=1e-4, rtol=1e-3)
+
 # --- the non-finite check, read every 50 steps ------------------------------------------------
 
 
