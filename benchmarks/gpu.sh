@@ -4,12 +4,14 @@
 #     OUT=/tmp/gpu bash benchmarks/gpu.sh [PART...]     (default: every part, in this order)
 #
 # Needs distil's dependencies importable by $PY (default python3); torchdistill too for the peers row.
+# EPOCHS=N (default 1) has the throughput parts time runs of N epochs, per epoch (one-time costs shared out).
 # Each part has its own time limit and writes under $OUT, so one that fails or overruns leaves the rest:
 #   gpu.txt         the GPU, driver and torch build
 #   tests.txt       the whole test suite (tests.log in full): the CUDA-marked tests on the GPU, the rest on the CPU
 #   cuda.txt        the CUDA-marked tests alone (quick)
 #   throughput.txt  benchmarks/throughput.py on the GPU (the demo pair, 4 rows)
 #   compile.txt     the same with distil's rows compiled (`--compile`: one graph per training step)
+#   graphs.txt      the same compiled with `--compile reduce-overhead`: each step replayed as one CUDA graph
 #   fold.txt        benchmarks/fold.py on the GPU (teachers with their BatchNorm folded in, against unfolded)
 #   demo.txt        the demo recipe end to end on the GPU (`distil run recipes/mnist1d.yaml --device cuda`)
 #   cifar.txt       recipes/cifar100.yaml for 1 epoch per stage on a generated CIFAR-100 of the real size
@@ -21,7 +23,8 @@ PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 export DISTIL_CACHE=${DISTIL_CACHE:-/tmp/distil-cache}
-PARTS=${*:-tests throughput compile fold demo cifar peers}
+PARTS=${*:-tests throughput compile graphs fold demo cifar peers}
+EPOCHS=${EPOCHS:-1}
 part() { echo "== $1 ($(date +%T))"; [[ " $PARTS " == *" $1 "* ]]; }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -39,11 +42,17 @@ timeout 120 $PY -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning -
 fi
 
 if part throughput; then
-timeout 150 $PY benchmarks/throughput.py --device cuda --rounds 3 2>&1 | tee "$OUT/throughput.txt"
+timeout 150 $PY benchmarks/throughput.py --device cuda --rounds 3 --epochs $EPOCHS 2>&1 | tee "$OUT/throughput.txt"
 fi
 
 if part compile; then
-timeout 200 $PY benchmarks/throughput.py --device cuda --rounds 3 --compile 2>&1 | tee "$OUT/compile.txt"
+timeout 200 $PY benchmarks/throughput.py --device cuda --rounds 3 --epochs $EPOCHS --compile 2>&1 \
+  | tee "$OUT/compile.txt"
+fi
+
+if part graphs; then
+timeout 200 $PY benchmarks/throughput.py --device cuda --rounds 3 --epochs $EPOCHS --compile reduce-overhead 2>&1 \
+  | tee "$OUT/graphs.txt"
 fi
 
 if part fold; then

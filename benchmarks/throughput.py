@@ -16,6 +16,7 @@ linear connector, regresses the teacher's pooled features `pool`, weight 1), tea
 logits and `pool` features cached, with the time to build that cache.
 
     python benchmarks/throughput.py [--rounds 5] [--device auto] [--precision fp32] [--student-width 100]
+                                    [--compile [default|reduce-overhead]]
 
 `--student-width` widens the MLP student's hidden layer (100: the demo's 5k parameters), to show how the
 cached/student-only ratio falls as the student's own step grows against the KD loss's fixed cost.
@@ -96,14 +97,18 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--student-width", type=int, default=100)
-    parser.add_argument("--compile", action="store_true", help="distil's rows with compile=True (the hand rows stay "
-                        "eager; compiling happens in the warm-up round)")
+    parser.add_argument("--epochs", type=int, default=1, help="each row trains this many epochs and is timed per "
+                        "epoch (more than 1: one-time costs per run, such as recording CUDA graphs, are shared out)")
+    parser.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead"],
+                        help="distil's rows compiled, in this torch.compile mode (default: 'default'; "
+                        "'reduce-overhead' also replays each step as one CUDA graph on a GPU); the hand rows stay "
+                        "eager; compiling happens in the warm-up round")
     args = parser.parse_args()
     device = resolve_device(args.device)
     splits = load_splits("mnist1d", {"num_samples": 5000, "transfer_size": args.transfer}, seed=0)
     train = splits.with_transfer()
-    cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=3e-3)
-    run = dict(device=device, precision=args.precision, compile=args.compile)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=3e-3)
+    run = dict(device=device, precision=args.precision, compile=args.compile or False)
     torch.manual_seed(0)
     teacher = build_model("cnn1d", (1, 40), 10, width=100, depth=3).to(device).eval().requires_grad_(False)
 
@@ -131,13 +136,16 @@ def main() -> None:
 
     def hand():
         model = student().to(device)
-        hand_written_epoch(model, teacher, loader, torch.optim.AdamW(model.parameters(), lr=3e-3, fused=fused),
-                           device, args.precision)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=fused)
+        for _ in range(args.epochs):
+            hand_written_epoch(model, teacher, loader, optimizer, device, args.precision)
 
     def hand_cached(kd: bool):
         model = student().to(device)
-        hand_cached_epoch(model, on_device.x, on_device.y, cached_split.teacher_logits["teacher"].to(device),
-                          torch.optim.AdamW(model.parameters(), lr=3e-3, fused=fused), args.batch_size, kd)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=fused)
+        for _ in range(args.epochs):
+            hand_cached_epoch(model, on_device.x, on_device.y, cached_split.teacher_logits["teacher"].to(device),
+                              optimizer, args.batch_size, kd)
 
     rows = {
         "hand": hand,
@@ -154,13 +162,15 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(args.rounds):
         for name, row in rows.items():
-            times[name].append(timed(row))
+            times[name].append(timed(row) / args.epochs)
     median = {name: statistics.median(values) for name, values in times.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     params = sum(p.numel() for p in student().parameters())
+    compiled = f", distil compiled ({args.compile})" if args.compile else ""
     print(f"one epoch of {len(train):,} samples ({len(splits.train):,} labelled + {args.transfer:,} transfer), batch "
-          f"{args.batch_size}, {args.precision}{', distil compiled' if args.compile else ''}, {name}; median of "
-          f"{args.rounds} rounds; student {params:,} parameters")
+          f"{args.batch_size}, {args.precision}{compiled}, {name}; median of "
+          f"{args.rounds} rounds{f', {args.epochs} epochs a run' if args.epochs > 1 else ''}; student {params:,} "
+          "parameters")
     for key, label in [("hand", "hand-written KD loop (DataLoader)"), ("online", "distil, teacher online"),
                        ("cached", "distil, cached teacher logits"), ("student", "distil, student alone on labels")]:
         print(f"  {label:<36} {median[key]:7.3f} s   {len(train) / median[key]:>10,.0f} samples/s")
@@ -172,6 +182,11 @@ def main() -> None:
           f"{tuple(fitnet_split.teacher_logits['teacher/pool'].shape)})")
     print(f"FitNet: cached/online {median['fitnet_cached'] / median['fitnet_online']:.2f}, "
           f"cached/student-only {median['fitnet_cached'] / median['student']:.2f}")
+    if args.compile:  # whether the rows ran compiled (graphs, breaks) and, on a GPU, as CUDA graphs
+        from torch._dynamo.utils import counters
+
+        print(f"compiled: {counters['stats']['unique_graphs']} graphs, {sum(counters['graph_break'].values())} graph "
+              f"breaks, {counters['inductor']['cudagraph_skips']} CUDA-graph skips (the CPU skips them)")
     print(f"floor, by hand: KD from stored logits / CE alone {median['hand_kd'] / median['hand_ce']:.2f} "
           f"({median['hand_kd']:.3f} s / {median['hand_ce']:.3f} s): the cost of the KD loss itself on this student")
     print(f"ratios: online/hand {median['online'] / median['hand']:.2f}, "

@@ -173,6 +173,35 @@ def test_a_compiled_distillation_step_on_the_gpu_trains_as_the_eager_one():
     for name, weights in eager.student.state_dict().items():
         torch.testing.assert_close(compiled.student.state_dict()[name], weights, atol=1e-4, rtol=1e-3)
 
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cached", [True, False], ids=["cached-logits", "teacher-online"])
+def test_reduce_overhead_replays_the_step_as_cuda_graphs_and_trains_as_eager(cached):
+    """compile: reduce-overhead on a GPU: the step runs as CUDA graphs (none skipped), the losses read every
+    50 steps and averaged per epoch are the ones eager training gives, and so are the weights."""
+    from torch._dynamo.utils import counters
+
+    teacher = mlp(1)
+    data = blob_split()
+    fit(ClassificationTask(teacher), data, None, TrainConfig(epochs=2, batch_size=32, lr=0.05))
+
+    def distilled(compile) -> tuple[Distiller, object]:
+        torch.manual_seed(0)
+        distiller = Distiller(mlp(0), teacher, [KD(T=4, weight=0.9), CE(weight=0.1)])
+        train = distiller.with_teacher_logits(data) if cached else data
+        result = fit(distiller, train, None, TrainConfig(epochs=3, batch_size=4, lr=0.02), device="cuda",
+                     compile=compile)  # 60 steps per epoch: the losses are read after step 50 and at the end
+        return distiller, result
+
+    eager, eager_result = distilled(False)
+    counters.clear()
+    graphed, result = distilled("reduce-overhead")
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    for name, weights in eager.student.state_dict().items():
+        torch.testing.assert_close(graphed.student.state_dict()[name], weights, atol=1e-4, rtol=1e-3)
+    for ours, theirs in zip(result.history, eager_result.history):
+        assert ours["parts"] == pytest.approx(theirs["parts"], rel=1e-3)
+
 # --- the non-finite check, read every 50 steps ------------------------------------------------
 
 
@@ -216,6 +245,27 @@ def test_the_fp16_loss_scale_is_checkpointed_and_resumed(tmp_path):
     _resume(tmp_path / "s.safetensors", mlp(1), make_optimizer(mlp(1), cfg), scheduler, fresh)
     assert fresh.get_scale() == 128.0
 
+
+
+class CompileRecorded(ClassificationTask):
+    """A task that records the mode `fit` compiles it in, without compiling."""
+
+    def compile(self, mode=None):
+        self.compiled_with = mode
+
+
+@pytest.mark.parametrize("compile,mode", [(False, "not compiled"), (True, None), ("default", None),
+                                          ("reduce-overhead", "reduce-overhead")])
+def test_fit_compiles_the_task_in_the_mode_asked_for(compile, mode):
+    task = CompileRecorded(mlp(0))
+    task.compiled_with = "not compiled"
+    fit(task, blob_split(), None, TrainConfig(epochs=1, batch_size=32), compile=compile)
+    assert task.compiled_with == mode  # True and "default": torch.compile's default mode (mode=None)
+
+
+def test_an_unknown_compile_mode_is_refused_by_fit():
+    with pytest.raises(ConfigError, match=r"compile must be true, false or one of default, reduce-overhead; got 'fa"):
+        fit(ClassificationTask(mlp(0)), blob_split(), None, TrainConfig(epochs=1), compile="fast")
 
 @pytest.mark.slow
 def test_compile_trains_and_keeps_the_state_dict_keys():

@@ -54,7 +54,7 @@ class Task(Protocol):
     def check_targets(self, targets: torch.Tensor) -> None: ...
     def trainable_module(self) -> nn.Module: ...
     def to(self, device: torch.device) -> Task: ...
-    def compile(self) -> None: ...
+    def compile(self, mode: str | None = None) -> None: ...
 
 
 def top1_score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,10 +144,10 @@ class ClassificationTask:
         self.model.to(device)
         return self
 
-    def compile(self) -> None:
+    def compile(self, mode: str | None = None) -> None:
         """torch.compile the training step's forward, the model and its loss as one graph (the model itself, its
-        weights and state_dict keys stay as they are)."""
-        self._logits_and_loss = torch.compile(self._logits_and_loss)
+        weights and state_dict keys stay as they are); `mode` is torch.compile's (None: its default)."""
+        self._logits_and_loss = torch.compile(self._logits_and_loss, mode=mode)
 
 
 class Distiller(nn.Module):
@@ -236,12 +236,13 @@ class Distiller(nn.Module):
             model._apply(fn, recurse)
         return self
 
-    def compile(self) -> None:
+    def compile(self, mode: str | None = None) -> None:
         """torch.compile the training step's forward as one graph: the student, what runs of the teachers and
         every loss term, so the terms' small operations (softmaxes, KL) fuse with the student's into a few
         kernels, forward and backward (state_dict keys stay the same; `score`, `prepare` and
-        `with_teacher_logits` run as they are)."""
-        super().compile()
+        `with_teacher_logits` run as they are). `mode` is torch.compile's: "reduce-overhead" also replays
+        each step's kernels as one CUDA graph on a GPU."""
+        super().compile(mode=mode)
 
     def _runner(self, name: str, inputs: torch.Tensor, keep: bool = True) -> nn.Module:
         """What runs of teacher `name`: at its first forward pass, a copy with its BatchNorm folded in

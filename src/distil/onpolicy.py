@@ -84,5 +84,5 @@ class OnPolicyDistiller(nn.Module):
     def trainable_module(self) -> nn.Module:
         return self.distiller
 
-    def compile(self) -> None:
-        self.distiller.compile()
+    def compile(self, mode: str | None = None) -> None:
+        self.distiller.compile(mode)

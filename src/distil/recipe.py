@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distil.errors import DistilError, RecipeError, did_you_mean
 
@@ -167,7 +167,9 @@ class Recipe(_Section):
     seed: int = 0
     device: str = "auto"  # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 with loss scaling)
-    compile: bool = False  # torch.compile each training step (student, teachers that run, loss terms) as one graph
+    # torch.compile each training step (student, teachers that run, loss terms) as one graph; "reduce-overhead"
+    # also replays it as one CUDA graph on a GPU (for small models, whose steps are many small kernels)
+    compile: bool | Literal["default", "reduce-overhead"] = False
     data: DataSection = Field(default_factory=DataSection)
     teacher: ModelSection = Field(default_factory=lambda: ModelSection(model="cnn1d"))
     student: ModelSection = Field(default_factory=ModelSection)
@@ -176,6 +178,14 @@ class Recipe(_Section):
     compress: CompressSection = Field(default_factory=CompressSection)
     export: ExportSection = Field(default_factory=ExportSection)
     report: ReportSection = Field(default_factory=ReportSection)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_mode(cls, value: Any) -> Any:
+        if value in (True, False, "default", "reduce-overhead"):
+            return value
+        raise ValueError("compile must be true, false, 'default' or 'reduce-overhead' (which also replays each step "
+                         "as one CUDA graph on a GPU)")
 
 
 def parse_recipe(source: str | Path | dict, where: str = "recipe") -> Recipe:
@@ -237,7 +247,8 @@ def _explain(err: ValidationError) -> str:
             allowed = _fields_at(Recipe, e["loc"][:-1])
             lines.append(f"unknown key '{loc}'." + did_you_mean(str(e["loc"][-1]), allowed))
         else:
-            lines.append(f"'{loc}': {e['msg']} (got {e.get('input')!r})" + HINTS.get(loc, ""))
+            message = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+            lines.append(f"'{loc}': {message} (got {e.get('input')!r})" + HINTS.get(loc, ""))
     return " ".join(lines)
 
 

@@ -84,9 +84,9 @@ class MutualLearning(nn.Module):
     def trainable_module(self) -> nn.Module:
         return self
 
-    def compile(self) -> None:
+    def compile(self, mode: str | None = None) -> None:
         for model in self.models.values():
-            model.compile()
+            model.compile(mode=mode)
 
 
 class EMASelfDistiller(nn.Module):
@@ -154,6 +154,6 @@ class EMASelfDistiller(nn.Module):
     def trainable_module(self) -> nn.Module:
         return self
 
-    def compile(self) -> None:
-        self.model.compile()
-        self.ema.compile()
+    def compile(self, mode: str | None = None) -> None:
+        self.model.compile(mode=mode)
+        self.ema.compile(mode=mode)

@@ -35,6 +35,19 @@ from distil.recipe import TrainConfig
 log = logging.getLogger(__name__)
 CHECK_EVERY = 50  # steps between reads of the non-finite flag (each read waits for the device)
 Augmenter = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+COMPILE_MODES = ("default", "reduce-overhead")  # torch.compile's modes that `compile` takes (True = "default")
+
+
+def compile_mode(compile: bool | str | None) -> str | None:
+    """`fit`'s `compile` as a torch.compile mode: None for no compiling, "default" for True."""
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return "default"
+    if compile not in COMPILE_MODES:
+        raise ConfigError(f"compile must be true, false or one of {', '.join(COMPILE_MODES)}; got {compile!r}. "
+                          "'reduce-overhead' also replays each training step as one CUDA graph on a GPU.")
+    return compile
 
 
 @dataclass
@@ -57,15 +70,18 @@ class _Env:
     seed: int
     group: distributed.Group = distributed.Group()
     forward: Callable | None = None  # (batch, progress) -> StepOutput: the task's, or through DDP
+    graphs: bool = False  # steps replayed as CUDA graphs (compile: reduce-overhead on a GPU): mark each new step
 
 
 def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: int = 0,
-        device: str | torch.device = "auto", precision: str = "fp32", compile: bool = False,
+        device: str | torch.device = "auto", precision: str = "fp32", compile: bool | str = False,
         augment: Augmenter | None = None, checkpoint_dir: Path | None = None, log_path: Path | None = None,
         on_epoch: Callable[[dict], None] | None = None, group: distributed.Group | None = None) -> FitResult:
     """Train `task` on `train`, validating on `val` each epoch; the best weights are restored at the end.
 
     `train`/`val`: a `Split`, a map-style `Dataset` yielding `(input, target)`, or a `DataLoader`.
+    `compile`: True (or "default") traces each training step through torch.compile as one graph;
+    "reduce-overhead" also replays it as one CUDA graph on a GPU (one launch for the step's many small kernels).
     `augment(inputs, generator)` transforms each training batch on the device; the student and its
     teachers see the same view. With `checkpoint_dir`, `<name>-last.safetensors` (full state) and
     `<name>-best.safetensors` are written each epoch, and a rerun resumes from the last one. Under a launcher
@@ -74,7 +90,9 @@ def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: in
     here = distributed.group() if group is None else group
     where = resolve_device(distributed.device_for(device, here) if isinstance(device, str) else device)
     check_precision(precision, where)
-    env = _Env(where, precision, grad_scaler(where, precision), augment, seed, here)
+    mode = compile_mode(compile)
+    env = _Env(where, precision, grad_scaler(where, precision), augment, seed, here,
+               graphs=mode == "reduce-overhead" and where.type == "cuda")
     torch.manual_seed(seed)
     if augment is not None and isinstance(train, Split) and train.teacher_logits:
         raise ConfigError("cached teacher logits cannot be used with random augmentation: the teacher must see the "
@@ -83,7 +101,7 @@ def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: in
     batches = _batches(train, cfg, env, shuffle=True)
     if len(batches) == 0:
         raise DataError(f"the training split of stage '{name}' is empty: check the data source")
-    module = _prepare(task, batches, train, env, compile)
+    module = _prepare(task, batches, train, env, mode)
     env = replace(env, forward=distributed.wrap(task, env.device, here))
     optimizer = make_optimizer(module, cfg)
     scheduler = make_scheduler(optimizer, cfg, max(1, len(batches)))
@@ -144,7 +162,7 @@ def _batches(data, cfg: TrainConfig, env: _Env, shuffle: bool) -> Batches:
                    pin_memory=env.device.type == "cuda", rank=here.rank, world=here.world)
 
 
-def _prepare(task: Task, batches: Batches, train, env: _Env, compile: bool) -> nn.Module:
+def _prepare(task: Task, batches: Batches, train, env: _Env, mode: str | None) -> nn.Module:
     """Move the task to its device, dry-run one batch (connectors, class counts), check the labels, compile."""
     task.to(env.device)
     first = batches.first(batches.batch_size).to(env.device)
@@ -156,10 +174,10 @@ def _prepare(task: Task, batches: Batches, train, env: _Env, compile: bool) -> n
     if isinstance(train, Split):
         task.check_targets(train.y)
     module = task.trainable_module()
-    if compile:
+    if mode is not None:
         if not hasattr(torch, "compile"):
             raise ConfigError("compile: true needs torch.compile (torch >= 2.0)")
-        task.compile()
+        task.compile(None if mode == "default" else mode)
     return module
 
 
@@ -171,26 +189,28 @@ def _train_epoch(task: Task, batches: Batches, optimizer, scheduler, env: _Env, 
     # dropout etc.: the same stream whether resumed or not, and apart from the shuffle's (seed * 1000 + epoch)
     torch.manual_seed(env.seed * 1000 + progress.epoch + 2**32)
     views = torch.Generator().manual_seed(env.seed * 1000 + progress.epoch + 10**9)  # augmentation; resumable too
-    parts: list[torch.Tensor] = []  # per step, the loss parts stacked (on the device; summed once per epoch)
-    losses: list[torch.Tensor] = []  # on the device; read every CHECK_EVERY steps
+    # per step, the loss and its parts stacked in one copy on the device (a copy: a step replayed as a CUDA graph
+    # reuses its outputs' memory); read every CHECK_EVERY steps, averaged once per epoch
+    values: list[torch.Tensor] = []
     seen, start_time, steps = 0, time.perf_counter(), 0
     for step, batch in enumerate(batches.epoch(progress.epoch)):
         batch = batch.to(env.device)
         if env.augment is not None:
             batch = batch.with_inputs(env.augment(batch.inputs, views))
+        if env.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         out = _step(task, batch, optimizer, env, Progress(progress.epoch, progress.step + step,
                                                           progress.steps_per_epoch, progress.epochs))
         scheduler.step()
-        parts.append(torch.stack([value.detach().float() for value in out.parts.values()]))
-        losses.append(out.loss.detach())
-        if len(losses) % CHECK_EVERY == 0:
-            _check_finite(losses, parts, out.parts, progress.epoch, last)
+        values.append(torch.stack([out.loss.detach().float(), *(v.detach().float() for v in out.parts.values())]))
+        if len(values) % CHECK_EVERY == 0:
+            _check_finite(values, out.parts, progress.epoch, last)
         seen, steps = seen + len(batch), steps + 1
     names = list(out.parts) if steps else []
-    _check_finite(losses, parts, names, progress.epoch, last)
+    _check_finite(values, names, progress.epoch, last)
     seconds = time.perf_counter() - start_time
     here = env.group
-    means = (distributed.all_sum(torch.stack(parts).mean(0), here) / here.world).tolist() if parts else []
+    means = (distributed.all_sum(torch.stack(values)[:, 1:].mean(0), here) / here.world).tolist() if values else []
     record = dict(zip(names, means))
     return {"loss": sum(record.values()), "parts": record, "lr": optimizer.param_groups[0]["lr"],
             "samples_per_s": seen * here.world / max(seconds, 1e-9), "seconds": seconds}
@@ -213,20 +233,20 @@ def _step(task: Task, batch: Batch, optimizer, env: _Env, progress: Progress):
     return out
 
 
-def _check_finite(losses: list[torch.Tensor], parts: list[torch.Tensor], names, epoch: int,
-                  last: Path | None) -> None:
-    """Read the losses of the epoch's steps so far (one wait for the device); raise at the first non-finite one."""
-    if not losses:
+def _check_finite(values: list[torch.Tensor], names, epoch: int, last: Path | None) -> None:
+    """Read the losses of the epoch's steps so far (one wait for the device); raise at the first non-finite one.
+    `values`: per step, the loss then its parts (`names`)."""
+    if not values:
         return
-    stacked = torch.stack(losses)
-    bad = ~torch.isfinite(stacked)
+    losses = torch.stack(values)[:, 0]
+    bad = ~torch.isfinite(losses)
     if not bool(bad.any()):
         return
     step = int(bad.nonzero()[0, 0])
-    values = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, parts[step].tolist()))
+    parts = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, values[step][1:].tolist()))
     kept = f" The last good checkpoint is kept at {last}." if last is not None and last.exists() else ""
     raise NonFiniteLossError(
-        f"the loss became {float(stacked[step])} at epoch {epoch + 1}, step {step + 1} ({values}).{kept} "
+        f"the loss became {float(losses[step])} at epoch {epoch + 1}, step {step + 1} ({parts}).{kept} "
         "Lower the learning rate, check the inputs for NaN/inf, or lower the KD temperature.")
 
 
