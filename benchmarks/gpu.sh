@@ -12,6 +12,7 @@
 #   throughput.txt  benchmarks/throughput.py on the GPU (the demo pair, 4 rows)
 #   compile.txt     the same with distil's rows compiled (`--compile`: one graph per training step)
 #   graphs.txt      the same compiled with `--compile reduce-overhead`: each step replayed as one CUDA graph
+#   profile.txt     benchmarks/step_profile.py on the GPU: where the host's time per step goes (student, cached)
 #   fold.txt        benchmarks/fold.py on the GPU (teachers with their BatchNorm folded in, against unfolded)
 #   demo.txt        the demo recipe end to end on the GPU (`distil run recipes/mnist1d.yaml --device cuda`)
 #   cifar.txt       recipes/cifar100.yaml for 1 epoch per stage on a generated CIFAR-100 of the real size
@@ -23,7 +24,7 @@ PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 export DISTIL_CACHE=${DISTIL_CACHE:-/tmp/distil-cache}
-PARTS=${*:-tests throughput compile graphs fold demo cifar peers}
+PARTS=${*:-tests throughput compile graphs profile fold demo cifar peers}
 EPOCHS=${EPOCHS:-1}
 part() { echo "== $1 ($(date +%T))"; [[ " $PARTS " == *" $1 "* ]]; }
 
@@ -53,6 +54,12 @@ fi
 if part graphs; then
 timeout 200 $PY benchmarks/throughput.py --device cuda --rounds 3 --epochs $EPOCHS --compile reduce-overhead 2>&1 \
   | tee "$OUT/graphs.txt"
+fi
+
+if part profile; then
+for row in student cached; do
+  timeout 70 $PY benchmarks/step_profile.py --device cuda --row $row --rows 12 2>&1 | grep -vi warn
+done | tee "$OUT/profile.txt"
 fi
 
 if part fold; then
