@@ -91,8 +91,11 @@ def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: in
     where = resolve_device(distributed.device_for(device, here) if isinstance(device, str) else device)
     check_precision(precision, where)
     mode = compile_mode(compile)
-    env = _Env(where, precision, grad_scaler(where, precision), augment, seed, here,
-               graphs=mode == "reduce-overhead" and where.type == "cuda")
+    if mode == "reduce-overhead" and where.type != "cuda":
+        log.info("compile: reduce-overhead replays CUDA graphs, which only a CUDA GPU has; on %s the step is "
+                 "compiled as with compile: true", where)
+        mode = "default"
+    env = _Env(where, precision, grad_scaler(where, precision), augment, seed, here, graphs=mode == "reduce-overhead")
     torch.manual_seed(seed)
     if augment is not None and isinstance(train, Split) and train.teacher_logits:
         raise ConfigError("cached teacher logits cannot be used with random augmentation: the teacher must see the "
