@@ -1,6 +1,8 @@
 """Devices and precision: device names, bf16/fp16 autocast on the CPU, the loss scaler, checkpoints that load
 onto any device, a resumed bf16 run, and the non-finite check read every 50 steps."""
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -256,13 +258,19 @@ class CompileRecorded(ClassificationTask):
 
 @pytest.mark.parametrize("compile,mode", [(False, "not compiled"), (True, None), ("default", None),
                                           ("reduce-overhead", None)])
-def test_fit_compiles_the_task_in_the_mode_asked_for(compile, mode):
+def test_fit_compiles_the_task_in_the_mode_asked_for(compile, mode, caplog):
     """True and "default" are torch.compile's default mode (mode=None); reduce-overhead's CUDA graphs need a
-    CUDA GPU, so on the CPU it compiles as True does (and says so)."""
+    CUDA GPU, so on the CPU it compiles as True does, and says so."""
+    from distil.train import _say_no_graphs
+
+    _say_no_graphs.cache_clear()
     task = CompileRecorded(mlp(0))
     task.compiled_with = "not compiled"
-    fit(task, blob_split(), None, TrainConfig(epochs=1, batch_size=32), compile=compile, device="cpu")
+    with caplog.at_level(logging.WARNING, logger="distil.train"):
+        fit(task, blob_split(), None, TrainConfig(epochs=1, batch_size=32), compile=compile, device="cpu")
     assert task.compiled_with == mode
+    assert ("which only a CUDA GPU has; on cpu the step is compiled as with compile: true" in caplog.text) == (
+        compile == "reduce-overhead")
 
 
 @pytest.mark.cuda

@@ -50,6 +50,12 @@ def compile_mode(compile: bool | str | None) -> str | None:
     return compile
 
 
+@functools.cache  # once per device type and process, not at every stage
+def _say_no_graphs(device_type: str) -> None:
+    log.warning("compile: reduce-overhead replays CUDA graphs, which only a CUDA GPU has; on %s the step is "
+                "compiled as with compile: true", device_type)
+
+
 @dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)  # one record per epoch
@@ -92,8 +98,7 @@ def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: in
     check_precision(precision, where)
     mode = compile_mode(compile)
     if mode == "reduce-overhead" and where.type != "cuda":
-        log.info("compile: reduce-overhead replays CUDA graphs, which only a CUDA GPU has; on %s the step is "
-                 "compiled as with compile: true", where)
+        _say_no_graphs(where.type)
         mode = "default"
     env = _Env(where, precision, grad_scaler(where, precision), augment, seed, here, graphs=mode == "reduce-overhead")
     torch.manual_seed(seed)
