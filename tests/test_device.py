@@ -143,11 +143,10 @@ def test_bf16_on_the_gpu_and_checkpoints_that_cross_devices(tmp_path):
     assert all(torch.equal(on_gpu[k].cpu(), v) for k, v in weights.items())
 
 
-
 @pytest.mark.cuda
 def test_fp16_on_the_gpu_steps_the_fused_optimiser_through_the_loss_scaler():
-    """fp16 on a GPU: the scaler hands its scale and overflow flag to the fused AdamW kernel; training still
-    converges, and the optimiser that ran is the fused one."""
+    """fp16 on a GPU: the scaler hands its scale and overflow flag to the fused AdamW kernel (make_optimizer
+    builds AdamW fused for a model on the GPU); training still converges."""
     from distil.train import make_optimizer
 
     model = mlp(0)
@@ -178,10 +177,14 @@ def test_a_compiled_distillation_step_on_the_gpu_trains_as_the_eager_one():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("cached", [True, False], ids=["cached-logits", "teacher-online"])
-def test_reduce_overhead_replays_the_step_as_cuda_graphs_and_trains_as_eager(cached):
-    """compile: reduce-overhead on a GPU: the step runs as CUDA graphs (none skipped), the losses read every
-    50 steps and averaged per epoch are the ones eager training gives, and so are the weights."""
+def test_reduce_overhead_replays_the_step_as_cuda_graphs_and_trains_as_eager(cached, monkeypatch):
+    """compile: reduce-overhead on a GPU: the step runs as CUDA graphs (replayed, none skipped), the losses read
+    every 50 steps and averaged per epoch are the ones eager training gives, and so are the weights."""
     from torch._dynamo.utils import counters
+
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
 
     teacher = mlp(1)
     data = blob_split()
@@ -199,10 +202,12 @@ def test_reduce_overhead_replays_the_step_as_cuda_graphs_and_trains_as_eager(cac
     counters.clear()
     graphed, result = distilled("reduce-overhead")
     assert counters["inductor"]["cudagraph_skips"] == 0
+    assert len(replays) >= 3 * 60  # a forward and a backward graph per step, once recorded
     for name, weights in eager.student.state_dict().items():
         torch.testing.assert_close(graphed.student.state_dict()[name], weights, atol=1e-4, rtol=1e-3)
     for ours, theirs in zip(result.history, eager_result.history):
         assert ours["parts"] == pytest.approx(theirs["parts"], rel=1e-3)
+
 
 # --- the non-finite check, read every 50 steps ------------------------------------------------
 
@@ -279,6 +284,41 @@ def test_reduce_overhead_reaches_the_task_on_a_gpu():
     fit(task, blob_split(), None, TrainConfig(epochs=1, batch_size=32), compile="reduce-overhead", device="cuda")
     assert task.compiled_with == "reduce-overhead"
 
+
+
+
+def test_a_task_of_yours_with_a_compile_that_takes_no_mode_still_compiles():
+    class Yours(ClassificationTask):
+        def compile(self):  # written before compile took a mode
+            self.compiled = True
+
+    task = Yours(mlp(0))
+    fit(task, blob_split(), None, TrainConfig(epochs=1, batch_size=32), compile=True)
+    assert task.compiled
+
+def _tasks_that_compile():
+    from distil.onpolicy import OnPolicyDistiller
+    from distil.schemes import EMASelfDistiller, MutualLearning
+
+    return {
+        "classification": lambda: ClassificationTask(mlp(0)),
+        "distiller": lambda: Distiller(mlp(0), mlp(1), [KD(T=4, weight=0.9), CE(weight=0.1)]),
+        "mutual": lambda: MutualLearning({"student": mlp(0), "peer": mlp(1)}),
+        "ema": lambda: EMASelfDistiller(mlp(0)),
+        "on-policy": lambda: OnPolicyDistiller(Distiller(mlp(0), mlp(1), [KD(T=4)])),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_tasks_that_compile()))
+def test_every_task_hands_the_compile_mode_to_torch_compile(kind, monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: modes.append(kwargs.get("mode")) or fn)
+    task = _tasks_that_compile()[kind]()
+    task.compile("reduce-overhead")
+    assert modes and set(modes) == {"reduce-overhead"}
+    modes.clear()
+    task.compile()
+    assert modes and set(modes) == {None}
 
 def test_an_unknown_compile_mode_is_refused_by_fit():
     with pytest.raises(ConfigError, match=r"compile must be true, false or one of default, reduce-overhead; got 'fa"):

@@ -67,16 +67,18 @@ def test_out_of_range_value_names_the_field():
         load_recipe({"teacher": {"model": "cnn1d", "train": {"lr": -1}}})
 
 
-
-@pytest.mark.parametrize("value", [True, False, "default", "reduce-overhead"])
-def test_compile_takes_a_switch_or_a_torch_compile_mode(value):
-    assert load_recipe({"compile": value}).compile == value
+@pytest.mark.parametrize("value,read", [(True, True), (False, False), ("default", "default"),
+                                        ("reduce-overhead", "reduce-overhead"), ("true", True), ("False", False),
+                                        ("yes", True), (1, True), (0, False)])
+def test_compile_takes_a_switch_or_a_torch_compile_mode(value, read):
+    assert load_recipe({"compile": value}).compile == read
 
 
 def test_an_unknown_compile_mode_names_the_field_and_the_modes():
     with pytest.raises(RecipeError, match=r"^recipe: 'compile': compile must be true, false, 'default' or "
                                           r"'reduce-overhead' .*\(got 'fast'\)$"):
         load_recipe({"compile": "fast"})
+
 
 def test_unknown_loss_kind_and_option():
     with pytest.raises(RecipeError, match=r"distill.terms\[0\].kind: unknown loss 'kdd'.*'kd'"):

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from distil.errors import DistilError, RecipeError, did_you_mean
 
+# the strings pydantic reads as a bool
+_TRUE, _FALSE = {"true", "yes", "on", "1", "t", "y"}, {"false", "no", "off", "0", "f", "n"}
+
 
 class _Section(BaseModel):
     # inf and nan are never a sensible setting (`lr: .inf` would only surface later as a NaN loss)
@@ -182,6 +185,8 @@ class Recipe(_Section):
     @field_validator("compile", mode="before")
     @classmethod
     def _compile_mode(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:  # "true", "no"...: as pydantic reads a bool
+            return value.lower() in _TRUE
         if value in (True, False, "default", "reduce-overhead"):
             return value
         raise ValueError("compile must be true, false, 'default' or 'reduce-overhead' (which also replays each step "

@@ -185,7 +185,8 @@ def _prepare(task: Task, batches: Batches, train, env: _Env, mode: str | None) -
     if mode is not None:
         if not hasattr(torch, "compile"):
             raise ConfigError("compile: true needs torch.compile (torch >= 2.0)")
-        task.compile(None if mode == "default" else mode)
+        # compile() for the default mode: a Task of yours written as `def compile(self)` keeps working
+        task.compile() if mode == "default" else task.compile(mode)
     return module
 
 
