@@ -379,6 +379,43 @@ def test_a_folded_copy_is_made_again_when_its_teacher_changes_between_fits():
         assert torch.allclose(again(x), teacher(x), atol=1e-5)
 
 
+
+def test_distillers_of_one_unchanged_teacher_share_its_folded_copy(monkeypatch):
+    """A sweep's trials fold the teacher once, and run one module (which a compiled step then need not be
+    compiled again for); a teacher whose weights changed is folded anew."""
+    import distil.distiller
+
+    folds = []
+    fold = distil.distiller.fold_batchnorm
+    monkeypatch.setattr(distil.distiller, "fold_batchnorm", lambda model: folds.append(1) or fold(model))
+    x, y = blobs(16)
+    teacher = bn_teacher()
+    first, second = (Distiller(mlp(seed), teacher, [KD(), CE()]) for seed in (0, 1))
+    for distiller in (first, second):
+        distiller.prepare(Batch(x, y))
+    assert second._runners["teacher"] is first._runners["teacher"] and len(folds) == 1
+    teacher.load_state_dict(bn_teacher(seed=4).state_dict())
+    third = Distiller(mlp(2), teacher, [KD(), CE()])
+    third.prepare(Batch(x, y))
+    assert third._runners["teacher"] is not first._runners["teacher"] and len(folds) == 2
+    with torch.no_grad():
+        assert torch.allclose(third._runners["teacher"](x), teacher(x), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_compiled_step_is_compiled_once_for_several_distillers_of_one_teacher():
+    """Before the folded copy was shared, each new Distiller's copy (a new torch.fx class) made torch.compile
+    compile the step again, and after 8 of them run it uncompiled."""
+    from torch._dynamo.utils import counters
+
+    teacher = bn_teacher()
+    torch._dynamo.reset()
+    counters.clear()
+    for seed in range(3):
+        distiller = Distiller(mlp(seed), teacher, [KD(T=2, weight=0.7), CE(weight=0.3)])
+        fit(distiller, Split(*blobs(64)), None, TrainConfig(epochs=1, batch_size=32, lr=0.01), compile=True)
+    assert counters["stats"]["unique_graphs"] == 1
+
 def test_a_teacher_with_hooks_of_its_own_is_not_folded():
     from distil.distiller import fold_batchnorm
 

@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import operator
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -169,8 +170,9 @@ class Distiller(nn.Module):
     teacher whose layers a term taps runs as it is, and so does one
     that cannot be traced by torch.fx or carries hooks of yours. The copy is made at the teacher's first
     forward pass (a teacher whose outputs are all cached is never copied) and made again at the next `fit`
-    if the teacher's weights, device or dtype changed; within one `fit`, teachers must not change. It
-    doubles that teacher's memory; `fold_bn=False` (recipe: `distill.fold_bn: false`) turns it off.
+    if the teacher's weights, device or dtype changed; within one `fit`, teachers must not change. Other
+    Distillers of the same unchanged teacher (a sweep's trials) share the copy. It doubles that teacher's
+    memory, for as long as the teacher lives; `fold_bn=False` (recipe: `distill.fold_bn: false`) turns it off.
     """
 
     def __init__(self, student: nn.Module, teachers: nn.Module | dict[str, nn.Module], terms: list[Term],
@@ -253,12 +255,7 @@ class Distiller(nn.Module):
         if runner is None:
             runner = teacher = self._teacher_map[name]
             if self._fold_bn and not self.teacher_taps[name].modules:
-                folded = fold_batchnorm(teacher)
-                if folded is not teacher and same_outputs(folded, teacher, inputs):
-                    runner = folded
-                elif folded is not teacher:
-                    log.warning("teacher '%s' with its BatchNorm folded gives other outputs than the teacher itself: "
-                                "running it unfolded", name)
+                runner = _folded(name, teacher, inputs)
             if keep:
                 self._runners[name], self._built_from[name] = runner, weights_signature(teacher)
         return runner
@@ -400,6 +397,32 @@ def _tapping(taps: FeatureTaps):
     """`taps` as the context of a forward pass, or nothing when it taps no layer: a graph that torch.compile
     traces whole (entering taps registers hooks, which breaks the graph)."""
     return taps if taps.modules else contextlib.nullcontext()
+
+
+# Each teacher's folded copy, shared by every Distiller of that teacher while its weights stay as they were (a
+# sweep's trials, an experiment's seeds): folded and checked once, and one module, so that a compiled training
+# step is not compiled again for every Distiller (torch.fx makes a new class for each copy, and torch.compile
+# compiles a step again for each class it meets, up to its recompile limit, then runs the step uncompiled).
+# The copy lives as long as its teacher (keys are weak; a copy holds no reference to its teacher).
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def _folded(name: str, teacher: nn.Module, inputs: torch.Tensor) -> nn.Module:
+    """Teacher `name` with its BatchNorm folded in (`fold_batchnorm`), the copy made for it before if its weights
+    are unchanged; the teacher itself where folding gives other outputs on `inputs` or folds nothing."""
+    signature = weights_signature(teacher)
+    known = _FOLDED.get(teacher)
+    if known is not None and known[0] == signature:
+        return known[1]
+    folded = fold_batchnorm(teacher)
+    if folded is teacher:
+        return teacher
+    if not same_outputs(folded, teacher, inputs):
+        log.warning("teacher '%s' with its BatchNorm folded gives other outputs than the teacher itself: running it "
+                    "unfolded", name)
+        return teacher
+    _FOLDED[teacher] = (signature, folded)
+    return folded
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
