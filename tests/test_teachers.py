@@ -354,6 +354,9 @@ def test_a_teacher_whose_outputs_are_all_cached_is_never_run_nor_copied(tmp_path
     built = first.with_teacher_logits(Split(x, y), batch_size=8, cache=TeacherCache(tmp_path))
     assert torch.allclose(built.teacher_logits["teacher"], unfolded, atol=1e-5)  # computed by the folded copy
     assert first._runners == {}  # used for the cache, not kept
+    from distil.distiller import _FOLDED
+
+    assert teacher not in _FOLDED  # nor kept for later Distillers: the teacher's memory is not doubled
     second = Distiller(mlp(0), teacher, [KD(T=2, weight=0.7), CE(weight=0.3)])
     rows = []
     teacher.register_forward_hook(lambda m, inputs, out: rows.append(len(inputs[0])))

@@ -255,7 +255,7 @@ class Distiller(nn.Module):
         if runner is None:
             runner = teacher = self._teacher_map[name]
             if self._fold_bn and not self.teacher_taps[name].modules:
-                runner = _folded(name, teacher, inputs)
+                runner = _folded(name, teacher, inputs, remember=keep)
             if keep:
                 self._runners[name], self._built_from[name] = runner, weights_signature(teacher)
         return runner
@@ -407,9 +407,10 @@ def _tapping(taps: FeatureTaps):
 _FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
 
 
-def _folded(name: str, teacher: nn.Module, inputs: torch.Tensor) -> nn.Module:
+def _folded(name: str, teacher: nn.Module, inputs: torch.Tensor, remember: bool = True) -> nn.Module:
     """Teacher `name` with its BatchNorm folded in (`fold_batchnorm`), the copy made for it before if its weights
-    are unchanged; the teacher itself where folding gives other outputs on `inputs` or folds nothing."""
+    are unchanged; the teacher itself where folding gives other outputs on `inputs` or folds nothing. A copy
+    made with `remember` off (one pass to fill a cache) is not kept for later Distillers."""
     signature = weights_signature(teacher)
     known = _FOLDED.get(teacher)
     if known is not None and known[0] == signature:
@@ -421,7 +422,8 @@ def _folded(name: str, teacher: nn.Module, inputs: torch.Tensor) -> nn.Module:
         log.warning("teacher '%s' with its BatchNorm folded gives other outputs than the teacher itself: running it "
                     "unfolded", name)
         return teacher
-    _FOLDED[teacher] = (signature, folded)
+    if remember:
+        _FOLDED[teacher] = (signature, folded)
     return folded
 
 
