@@ -11,7 +11,7 @@
 #   cuda.txt        the CUDA-marked tests alone (quick)
 #   throughput.txt  benchmarks/throughput.py on the GPU (the demo pair, 4 rows)
 #   compile.txt     the same with distil's rows compiled (`--compile`: one graph per training step)
-#   graphs.txt      the same compiled with `--compile reduce-overhead`: each step replayed as one CUDA graph
+#   graphs.txt      the same compiled with `--compile reduce-overhead`: each step replayed as CUDA graphs
 #   profile.txt     benchmarks/step_profile.py on the GPU: where the host's time per step goes (student, cached)
 #   fold.txt        benchmarks/fold.py on the GPU (teachers with their BatchNorm folded in, against unfolded)
 #   demo.txt        the demo recipe end to end on the GPU (`distil run recipes/mnist1d.yaml --device cuda`)

@@ -101,7 +101,7 @@ def main() -> None:
                         "epoch (more than 1: one-time costs per run, such as recording CUDA graphs, are shared out)")
     parser.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead"],
                         help="distil's rows compiled, in this torch.compile mode (default: 'default'; "
-                        "'reduce-overhead' also replays each step as one CUDA graph on a GPU); the hand rows stay "
+                        "'reduce-overhead' also replays each step as CUDA graphs on a GPU); the hand rows stay "
                         "eager; compiling happens in the warm-up round")
     args = parser.parse_args()
     device = resolve_device(args.device)

@@ -243,7 +243,7 @@ class Distiller(nn.Module):
         every loss term, so the terms' small operations (softmaxes, KL) fuse with the student's into a few
         kernels, forward and backward (state_dict keys stay the same; `score`, `prepare` and
         `with_teacher_logits` run as they are). `mode` is torch.compile's: "reduce-overhead" also replays
-        each step's kernels as one CUDA graph on a GPU."""
+        each step's kernels as CUDA graphs on a GPU."""
         super().compile(mode=mode)
 
     def _runner(self, name: str, inputs: torch.Tensor, keep: bool = True) -> nn.Module:

@@ -171,7 +171,7 @@ class Recipe(_Section):
     device: str = "auto"  # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 with loss scaling)
     # torch.compile each training step (student, teachers that run, loss terms) as one graph; "reduce-overhead"
-    # also replays it as one CUDA graph on a GPU (for small models, whose steps are many small kernels)
+    # also replays it as CUDA graphs on a GPU (for small models, whose steps are many small kernels)
     compile: bool | Literal["default", "reduce-overhead"] = False
     data: DataSection = Field(default_factory=DataSection)
     teacher: ModelSection = Field(default_factory=lambda: ModelSection(model="cnn1d"))
@@ -190,7 +190,7 @@ class Recipe(_Section):
         if value in (True, False, "default", "reduce-overhead"):
             return value
         raise ValueError("compile must be true, false, 'default' or 'reduce-overhead' (which also replays each step "
-                         "as one CUDA graph on a GPU)")
+                         "as CUDA graphs on a GPU)")
 
 
 def parse_recipe(source: str | Path | dict, where: str = "recipe") -> Recipe:

@@ -46,7 +46,7 @@ def compile_mode(compile: bool | str | None) -> str | None:
         return "default"
     if compile not in COMPILE_MODES:
         raise ConfigError(f"compile must be true, false or one of {', '.join(COMPILE_MODES)}; got {compile!r}. "
-                          "'reduce-overhead' also replays each training step as one CUDA graph on a GPU.")
+                          "'reduce-overhead' also replays each training step as CUDA graphs on a GPU.")
     return compile
 
 
@@ -87,7 +87,7 @@ def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: in
 
     `train`/`val`: a `Split`, a map-style `Dataset` yielding `(input, target)`, or a `DataLoader`.
     `compile`: True (or "default") traces each training step through torch.compile as one graph;
-    "reduce-overhead" also replays it as one CUDA graph on a GPU (one launch for the step's many small kernels).
+    "reduce-overhead" also replays its forward and backward as CUDA graphs on a GPU (a launch each, not one per kernel).
     `augment(inputs, generator)` transforms each training batch on the device; the student and its
     teachers see the same view. With `checkpoint_dir`, `<name>-last.safetensors` (full state) and
     `<name>-best.safetensors` are written each epoch, and a rerun resumes from the last one. Under a launcher
