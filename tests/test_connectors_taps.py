@@ -197,6 +197,28 @@ def test_feature_taps_start_fresh_on_each_pass_and_can_be_reused():
     assert all(not m._forward_hooks for m in model.modules())
 
 
+
+def test_held_taps_keep_their_hooks_and_record_only_between_start_and_stop():
+    model = Net()
+    taps = FeatureTaps(model, ["layer1", "layer2"])
+    taps.hold()
+    assert len(model.layer1._forward_hooks) == 1 and len(model.layer2._forward_hooks) == 1
+    with taps:
+        model(torch.randn(2, 4))
+    assert set(taps.outputs) == {"layer1", "layer2"}
+    assert len(model.layer1._forward_hooks) == 1  # still there after the pass
+    recorded = dict(taps.outputs)
+    model(torch.randn(7, 4))  # outside a pass: nothing recorded
+    assert taps.outputs.keys() == recorded.keys() and all(taps.outputs[k] is v for k, v in recorded.items())
+    taps.start()
+    model(torch.randn(3, 4))
+    taps.stop()
+    assert taps.outputs["layer2"].shape == (3, 5)
+    taps.hold()  # twice: still one hook per layer
+    assert len(model.layer1._forward_hooks) == 1
+    taps.release()
+    assert all(not m._forward_hooks for m in model.modules())
+
 def test_a_tuple_output_is_tapped_by_its_first_element():
     model = nn.Sequential(OrderedDict(pair=PairOut()))
     x = torch.randn(2, 3)

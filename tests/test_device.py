@@ -368,6 +368,35 @@ def test_a_compiled_distillation_step_is_one_graph_and_trains_as_the_eager_one()
 
 
 
+
+@pytest.mark.slow
+def test_a_compiled_feature_distillation_step_is_one_graph_and_trains_as_the_eager_one(tmp_path):
+    """FitNet taps a student and a teacher layer: compiled, the taps' hooks are held, so the step stays one graph
+    (entering the taps broke it before); the student trains as eager, and exports to ONNX afterwards."""
+    from torch._dynamo.utils import counters
+
+    from distil import FitNet
+    from distil.export import export_onnx
+
+    data = blob_split()
+    teacher = mlp(1)
+    fit(ClassificationTask(teacher), data, None, TrainConfig(epochs=1, batch_size=32, lr=0.05))
+
+    def distilled(compile: bool) -> Distiller:
+        distiller = Distiller(mlp(0), teacher, [KD(T=4, weight=0.9), CE(weight=0.1),
+                                                FitNet(student="1", teacher="1", weight=0.5)])
+        fit(distiller, data, None, TrainConfig(epochs=2, batch_size=32, lr=0.02), compile=compile)
+        return distiller
+
+    eager = distilled(False)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = distilled(True)
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+    for name, weights in eager.state_dict().items():  # the student and the FitNet connector
+        torch.testing.assert_close(compiled.state_dict()[name], weights, atol=1e-5, rtol=1e-4)
+    assert export_onnx(compiled.student, data.x[:4], tmp_path / "student.onnx") < 1e-4
+
 def test_model_device_reads_parameters_then_buffers_then_the_default():
     assert model_device(nn.Linear(2, 2).to("meta")) == torch.device("meta")
     buffers_only = nn.BatchNorm1d(3, affine=False).to("meta")

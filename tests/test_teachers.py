@@ -427,6 +427,20 @@ def test_a_teacher_with_hooks_of_its_own_is_not_folded():
     assert fold_batchnorm(teacher) is teacher
 
 
+
+def test_distils_own_held_taps_do_not_stop_a_fold_but_hooks_of_yours_do():
+    """A student distilled with compile: true keeps its taps' hooks (they record nothing outside a step); used
+    later as a teacher, it is still folded."""
+    from distil.distiller import fold_batchnorm
+    from distil.taps import FeatureTaps
+
+    model = bn_teacher()
+    FeatureTaps(model, ["1", "3"]).hold()
+    folded = fold_batchnorm(model)
+    assert folded is not model and count_norms(folded) == 0
+    model[3].register_forward_hook(lambda *_: None)
+    assert fold_batchnorm(model) is model
+
 def test_no_tf32_turns_tf32_off_inside_and_restores_it():
     from distil.distiller import no_tf32
 

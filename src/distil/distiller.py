@@ -31,7 +31,7 @@ from distil.data import Split
 from distil.errors import ConfigError, DataError, ModelError
 from distil.evaluate import model_device
 from distil.losses import CE, KD, STUDENT, UNLABELED, Outputs, Term, Views, ce_loss
-from distil.taps import FeatureTaps
+from distil.taps import FeatureTaps, is_tap
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,11 @@ class Distiller(nn.Module):
         every loss term, so the terms' small operations (softmaxes, KL) fuse with the student's into a few
         kernels, forward and backward (state_dict keys stay the same; `score`, `prepare` and
         `with_teacher_logits` run as they are). `mode` is torch.compile's: "reduce-overhead" also replays
-        each step's kernels as CUDA graphs on a GPU."""
+        each step's kernels as CUDA graphs on a GPU. The feature taps' hooks are held from here on (they record
+        nothing outside a step), so that tapping layers does not break the graph."""
+        for taps in (self.student_taps, *self.teacher_taps.values()):
+            if taps.modules:
+                taps.hold()
         super().compile(mode=mode)
 
     def _runner(self, name: str, inputs: torch.Tensor, keep: bool = True) -> nn.Module:
@@ -293,8 +297,7 @@ class Distiller(nn.Module):
             check_class_targets(targets, self.num_classes, allow_unlabeled=True)
 
     def _views(self, batch: Batch, progress: Progress | None = None) -> Views:
-        with _tapping(self.student_taps):
-            outputs = {STUDENT: Outputs(self.student(batch.inputs), self.student_taps.outputs)}
+        outputs = {STUDENT: Outputs(_tapped(self.student, self.student_taps, batch.inputs), self.student_taps.outputs)}
         teachers = self._teacher_map
         for name in self.needed:
             taps, keys, stored = self.teacher_taps[name], self._feature_keys[name], batch.teacher_logits
@@ -310,8 +313,8 @@ class Distiller(nn.Module):
                         "TeacherCache the logits are read back, not recomputed).")
                 outputs[name] = Outputs(logits, {layer: stored[key] for layer, key in keys})
                 continue
-            with torch.no_grad(), _tapping(taps):
-                outputs[name] = Outputs(self._runner(name, batch.inputs)(batch.inputs), taps.outputs)
+            with torch.no_grad():
+                outputs[name] = Outputs(_tapped(self._runner(name, batch.inputs), taps, batch.inputs), taps.outputs)
         return Views(outputs, batch.targets, tuple(teachers), batch.index, batch.mask, progress or Progress())
 
     def with_teacher_logits(self, split: Split, batch_size: int = 1024, cache: TeacherCache | None = None,
@@ -393,10 +396,17 @@ class Distiller(nn.Module):
         save_tensors(path, {k: v for k, v in self.terms.state_dict().items()})
 
 
-def _tapping(taps: FeatureTaps):
-    """`taps` as the context of a forward pass, or nothing when it taps no layer: a graph that torch.compile
-    traces whole (entering taps registers hooks, which breaks the graph)."""
-    return taps if taps.modules else contextlib.nullcontext()
+def _tapped(model: nn.Module, taps: FeatureTaps, inputs: torch.Tensor) -> torch.Tensor:
+    """`model(inputs)` with `taps` recording its layers (a plain call when it taps none). Started and stopped
+    rather than entered: torch.compile cannot enter a context of ours, and with the hooks held (`compile`)
+    the whole step stays one graph."""
+    if not taps.modules:
+        return model(inputs)
+    taps.start()
+    try:
+        return model(inputs)
+    finally:
+        taps.stop()
 
 
 # Each teacher's folded copy, shared by every Distiller of that teacher while its weights stay as they were (a
@@ -433,8 +443,10 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     torch.fx cannot trace it."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return model
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
-        return model  # hooks of the user's on its modules would not fire on the traced copy
+    if any(not is_tap(hook) for m in model.modules() for hook in (*m._forward_hooks.values(),
+                                                                  *m._forward_pre_hooks.values())):
+        return model  # hooks of the user's on its modules would not fire on the traced copy (distil's held taps
+        #               record nothing outside their Distiller's step)
     from torch.fx.experimental.optimization import fuse
 
     try:

@@ -4,7 +4,8 @@
         logits = model(x)
     feat = taps.outputs["layer2"]   # (B, C, ...)
 
-No model surgery: the hooks are removed on exit, so the model stays exportable.
+No model surgery: the hooks are removed on exit, so the model stays exportable; a compiled training step holds
+them for its graphs (`FeatureTaps.hold`), where outside a tapped pass they record nothing.
 """
 
 from __future__ import annotations
@@ -31,26 +32,71 @@ def module_names(model: nn.Module) -> list[str]:
 
 
 class FeatureTaps:
-    """Collects the outputs of named submodules during a forward pass (a context manager)."""
+    """Collects the outputs of named submodules during a forward pass (a context manager, or `start`/`stop`).
+
+    By default the hooks are registered on entry and removed on exit. `hold()` registers them once and keeps
+    them (until `release()`), recording only between `start` and `stop`: torch.compile cannot register a hook
+    inside a graph, but traces the hooks a module already has, so a compiled step taps its layers without a
+    graph break. Held hooks outside a pass record nothing (`fold_batchnorm` and exports pass them by).
+    """
 
     def __init__(self, model: nn.Module, names: list[str], role: str = "model") -> None:
         self.modules = {name: get_module(model, name, role) for name in names}
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
+        self._held = False
+        self._recording = False
+
+    def start(self) -> None:
+        """Record the next forward pass (registering the hooks unless they are held)."""
+        self.outputs = {}
+        self._recording = True
+        if not self._held:
+            self._register()
+
+    def stop(self) -> None:
+        self._recording = False
+        if not self._held:
+            self._remove()
 
     def __enter__(self) -> FeatureTaps:
-        self.outputs = {}
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+        self.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def hold(self) -> None:
+        """Keep the hooks registered from now on, recording only between `start` and `stop`."""
+        if not self._held:
+            self._remove()
+            self._register()
+            self._held = True
+
+    def release(self) -> None:
+        """Remove held hooks: back to registering them for each pass."""
+        if self._held:
+            self._remove()
+            self._held = False
+
+    def _register(self) -> None:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs, output) -> None:
-            self.outputs[name] = output[0] if isinstance(output, (tuple, list)) else output
+            if self._recording:
+                self.outputs[name] = output[0] if isinstance(output, (tuple, list)) else output
 
+        hook.distil_tap = True  # a tap of distil's: records nothing outside a pass (see `fold_batchnorm`)
         return hook
+
+
+def is_tap(hook) -> bool:
+    """Whether a module hook is one of distil's feature taps (which record nothing outside a tapped pass)."""
+    return getattr(hook, "distil_tap", False)
