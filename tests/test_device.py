@@ -371,8 +371,9 @@ def test_a_compiled_distillation_step_is_one_graph_and_trains_as_the_eager_one()
 
 @pytest.mark.slow
 def test_a_compiled_feature_distillation_step_is_one_graph_and_trains_as_the_eager_one(tmp_path):
-    """FitNet taps a student and a teacher layer: compiled, the taps' hooks are held, so the step stays one graph
-    (entering the taps broke it before); the student trains as eager, and exports to ONNX afterwards."""
+    """FitNet taps a student and a teacher layer: compiled, the taps' hooks are held through the fit, so the step
+    stays one graph (entering the taps broke it before); the student trains as eager, and after the fit the
+    hooks are gone."""
     from torch._dynamo.utils import counters
 
     from distil import FitNet
@@ -395,7 +396,12 @@ def test_a_compiled_feature_distillation_step_is_one_graph_and_trains_as_the_eag
     assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
     for name, weights in eager.state_dict().items():  # the student and the FitNet connector
         torch.testing.assert_close(compiled.state_dict()[name], weights, atol=1e-5, rtol=1e-4)
+    # the taps' hooks came off with the end of the fit: the models are as they were (picklable, exportable)
+    assert not any(m._forward_hooks for model in (compiled.student, teacher) for m in model.modules())
+    torch.save(compiled.student, tmp_path / "student.pt")
     assert export_onnx(compiled.student, data.x[:4], tmp_path / "student.onnx") < 1e-4
+    distilled(True)  # another Distiller of the teacher (a sweep's next trial): the same graph, not compiled again
+    assert counters["stats"]["unique_graphs"] == 1
 
 def test_model_device_reads_parameters_then_buffers_then_the_default():
     assert model_device(nn.Linear(2, 2).to("meta")) == torch.device("meta")

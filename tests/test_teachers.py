@@ -438,6 +438,7 @@ def test_distils_own_held_taps_do_not_stop_a_fold_but_hooks_of_yours_do():
     FeatureTaps(model, ["1", "3"]).hold()
     folded = fold_batchnorm(model)
     assert folded is not model and count_norms(folded) == 0
+    assert not any(m._forward_hooks for m in folded.modules())  # the copy carries none of them
     model[3].register_forward_hook(lambda *_: None)
     assert fold_batchnorm(model) is model
 

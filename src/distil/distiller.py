@@ -55,7 +55,8 @@ class Task(Protocol):
     def check_targets(self, targets: torch.Tensor) -> None: ...
     def trainable_module(self) -> nn.Module: ...
     def to(self, device: torch.device) -> Task: ...
-    def compile(self, mode: str | None = None) -> None: ...  # mode: only passed for compile: reduce-overhead
+    # mode: only passed for compile: reduce-overhead; may return what undoes its setup when the fit ends
+    def compile(self, mode: str | None = None) -> Callable[[], None] | None: ...
 
 
 def top1_score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,12 +244,19 @@ class Distiller(nn.Module):
         every loss term, so the terms' small operations (softmaxes, KL) fuse with the student's into a few
         kernels, forward and backward (state_dict keys stay the same; `score`, `prepare` and
         `with_teacher_logits` run as they are). `mode` is torch.compile's: "reduce-overhead" also replays
-        each step's kernels as CUDA graphs on a GPU. The feature taps' hooks are held from here on (they record
-        nothing outside a step), so that tapping layers does not break the graph."""
-        for taps in (self.student_taps, *self.teacher_taps.values()):
-            if taps.modules:
-                taps.hold()
+        each step's kernels as CUDA graphs on a GPU. The feature taps' hooks are held until the fit ends (the
+        call this returns, which `fit` makes; they record nothing outside a step), so that tapping layers does not
+        break the graph."""
+        taps = [t for t in (self.student_taps, *self.teacher_taps.values()) if t.modules]
+        for t in taps:
+            t.hold()
         super().compile(mode=mode)
+
+        def release() -> None:  # the models are the user's again: no hooks of ours left on them
+            for t in taps:
+                t.release()
+
+        return release
 
     def _runner(self, name: str, inputs: torch.Tensor, keep: bool = True) -> nn.Module:
         """What runs of teacher `name`: at its first forward pass, a copy with its BatchNorm folded in
@@ -459,6 +467,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     norms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
     if norms == sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return model  # nothing folded (no conv -> BN pair): keep the original, no copy
+    for m in folded.modules():  # the copy carries no taps of another Distiller's (nor, through them, its model)
+        for key in [k for k, hook in m._forward_hooks.items() if is_tap(hook)]:
+            del m._forward_hooks[key]
     return folded.eval().requires_grad_(False)
 
 

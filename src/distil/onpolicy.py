@@ -84,5 +84,5 @@ class OnPolicyDistiller(nn.Module):
     def trainable_module(self) -> nn.Module:
         return self.distiller
 
-    def compile(self, mode: str | None = None) -> None:
-        self.distiller.compile(mode)
+    def compile(self, mode: str | None = None):
+        return self.distiller.compile(mode)  # what undoes it at the end of the fit (the taps' hooks)

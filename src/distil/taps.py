@@ -4,8 +4,8 @@
         logits = model(x)
     feat = taps.outputs["layer2"]   # (B, C, ...)
 
-No model surgery: the hooks are removed on exit, so the model stays exportable; a compiled training step holds
-them for its graphs (`FeatureTaps.hold`), where outside a tapped pass they record nothing.
+No model surgery: the hooks are removed on exit, so the model stays exportable; a compiled `fit` holds them
+for its graphs (`FeatureTaps.hold`, recording nothing outside a tapped pass) and removes them when it ends.
 """
 
 from __future__ import annotations

@@ -109,37 +109,40 @@ def fit(task: Task, train, val, cfg: TrainConfig, *, name: str = "fit", seed: in
     batches = _batches(train, cfg, env, shuffle=True)
     if len(batches) == 0:
         raise DataError(f"the training split of stage '{name}' is empty: check the data source")
-    module = _prepare(task, batches, train, env, mode)
-    env = replace(env, forward=distributed.wrap(task, env.device, here))
-    optimizer = make_optimizer(module, cfg)
-    scheduler = make_scheduler(optimizer, cfg, max(1, len(batches)))
-    last = best = None
-    if checkpoint_dir is not None:
-        folder = Path(checkpoint_dir)
-        last, best = folder / f"{name}-last.safetensors", folder / f"{name}-best.safetensors"
-    result = _resume(last, module, optimizer, scheduler, env.scaler) if last and last.exists() else FitResult()
-    val_batches = _batches(val, cfg, env, shuffle=False) if val is not None and len(val) else None
-    for epoch in range(len(result.history), 0 if result.stopped_early else cfg.epochs):
-        progress = Progress(epoch, epoch * len(batches), len(batches), cfg.epochs)
-        with distributed.training(here):  # terms over the batch gather every process's rows (or none)
-            record = {"stage": name, "epoch": epoch + 1,
-                      **_train_epoch(task, batches, optimizer, scheduler, env, progress, last)}
-        record[f"val_{task.metric}"] = _validate(task, module, val_batches, env) if val_batches else None
-        _update_best(result, record, task, epoch, module, best if here.main else None)
-        result.history.append(record)
-        result.stopped_early = cfg.patience is not None and epoch - result.best_epoch >= cfg.patience
-        if last is not None and here.main:
-            _save_state(last, module, optimizer, scheduler, env.scaler, result)
-        if here.main:
-            _emit(record, log_path, on_epoch)
-        if result.stopped_early:
-            break
-    distributed.barrier(here)  # rank 0's best checkpoint is on disk before anyone reads it
-    if best is not None and best.exists():
-        module.load_state_dict(load_tensors(best, device=env.device)[0])
-    elif result.best_state is not None:
-        module.load_state_dict(result.best_state)
-    return result
+    module, release = _prepare(task, batches, train, env, mode)
+    try:  # whatever compiling set up for the steps (feature taps' hooks) comes off the models at the end
+        env = replace(env, forward=distributed.wrap(task, env.device, here))
+        optimizer = make_optimizer(module, cfg)
+        scheduler = make_scheduler(optimizer, cfg, max(1, len(batches)))
+        last = best = None
+        if checkpoint_dir is not None:
+            folder = Path(checkpoint_dir)
+            last, best = folder / f"{name}-last.safetensors", folder / f"{name}-best.safetensors"
+        result = _resume(last, module, optimizer, scheduler, env.scaler) if last and last.exists() else FitResult()
+        val_batches = _batches(val, cfg, env, shuffle=False) if val is not None and len(val) else None
+        for epoch in range(len(result.history), 0 if result.stopped_early else cfg.epochs):
+            progress = Progress(epoch, epoch * len(batches), len(batches), cfg.epochs)
+            with distributed.training(here):  # terms over the batch gather every process's rows (or none)
+                record = {"stage": name, "epoch": epoch + 1,
+                          **_train_epoch(task, batches, optimizer, scheduler, env, progress, last)}
+            record[f"val_{task.metric}"] = _validate(task, module, val_batches, env) if val_batches else None
+            _update_best(result, record, task, epoch, module, best if here.main else None)
+            result.history.append(record)
+            result.stopped_early = cfg.patience is not None and epoch - result.best_epoch >= cfg.patience
+            if last is not None and here.main:
+                _save_state(last, module, optimizer, scheduler, env.scaler, result)
+            if here.main:
+                _emit(record, log_path, on_epoch)
+            if result.stopped_early:
+                break
+        distributed.barrier(here)  # rank 0's best checkpoint is on disk before anyone reads it
+        if best is not None and best.exists():
+            module.load_state_dict(load_tensors(best, device=env.device)[0])
+        elif result.best_state is not None:
+            module.load_state_dict(result.best_state)
+        return result
+    finally:
+        release()
 
 
 def _batches(data, cfg: TrainConfig, env: _Env, shuffle: bool) -> Batches:
@@ -170,8 +173,10 @@ def _batches(data, cfg: TrainConfig, env: _Env, shuffle: bool) -> Batches:
                    pin_memory=env.device.type == "cuda", rank=here.rank, world=here.world)
 
 
-def _prepare(task: Task, batches: Batches, train, env: _Env, mode: str | None) -> nn.Module:
-    """Move the task to its device, dry-run one batch (connectors, class counts), check the labels, compile."""
+def _prepare(task: Task, batches: Batches, train, env: _Env,
+             mode: str | None) -> tuple[nn.Module, Callable[[], None]]:
+    """Move the task to its device, dry-run one batch (connectors, class counts), check the labels, compile.
+    Returns the trainable module and what undoes the compiling's setup when the fit ends (a no-op if none)."""
     task.to(env.device)
     first = batches.first(batches.batch_size).to(env.device)
     if env.augment is not None:
@@ -181,13 +186,17 @@ def _prepare(task: Task, batches: Batches, train, env: _Env, mode: str | None) -
     task.to(env.device)  # what the dry run built (connectors) goes to the device too
     if isinstance(train, Split):
         task.check_targets(train.y)
-    module = task.trainable_module()
+    module, undo = task.trainable_module(), None
     if mode is not None:
         if not hasattr(torch, "compile"):
             raise ConfigError("compile: true needs torch.compile (torch >= 2.0)")
         # compile() for the default mode: a Task of yours written as `def compile(self)` keeps working
-        task.compile() if mode == "default" else task.compile(mode)
-    return module
+        undo = task.compile() if mode == "default" else task.compile(mode)
+    return module, undo if callable(undo) else _nothing
+
+
+def _nothing() -> None:
+    pass
 
 
 def _train_epoch(task: Task, batches: Batches, optimizer, scheduler, env: _Env, progress: Progress,
