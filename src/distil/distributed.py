@@ -8,6 +8,7 @@ write checkpoints, logs and reports. Teachers are replicated in eval mode and ne
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import os
@@ -50,7 +51,16 @@ def group() -> Group:
             raise ConfigError("several processes were launched, but this torch has neither the gloo nor the nccl "
                               "backend: install a torch build with distributed support, or run one process")
         dist.init_process_group(backend)
+        atexit.register(_leave)
     return here
+
+
+def _leave() -> None:
+    """Destroy the process group this process joined before the interpreter exits: left to the interpreter's
+    teardown, gloo's worker threads can outlive their group, and the process aborts ("terminate called without
+    an active exception", SIGABRT) after its work is done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def device_for(spec: str, here: Group) -> str:
