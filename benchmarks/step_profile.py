@@ -45,12 +45,14 @@ def main() -> None:
     def terms():
         return [KD(T=4, weight=0.9), CE(weight=0.1)]
 
-    cached = Distiller(student(), teacher, terms()).to(device).with_teacher_logits(train)
-
-    def epoch():
-        if args.row == "student":
+    if args.row == "student":
+        def epoch():
             return fit(ClassificationTask(student()), train, None, cfg, device=device)
-        return fit(Distiller(student(), teacher, terms()), cached, None, cfg, device=device)
+    else:
+        cached = Distiller(student(), teacher, terms()).to(device).with_teacher_logits(train)
+
+        def epoch():
+            return fit(Distiller(student(), teacher, terms()), cached, None, cfg, device=device)
 
     for _ in range(2):  # warm-up: allocator, kernels
         epoch()

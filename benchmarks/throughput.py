@@ -37,6 +37,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 from distil import CE, KD, ClassificationTask, Distiller, FitNet, Split, TrainConfig, fit, load_splits
 from distil.device import autocast, resolve_device
 from distil.models import build_model
+from distil.recipe import COMPILE_MODES
 
 
 def hand_written_epoch(student, teacher, loader, optimizer, device, precision, T: float = 4.0, alpha: float = 0.9):
@@ -99,7 +100,7 @@ def main() -> None:
     parser.add_argument("--student-width", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=1, help="each row trains this many epochs and is timed per "
                         "epoch (more than 1: one-time costs per run, such as recording CUDA graphs, are shared out)")
-    parser.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead"],
+    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
                         help="distil's rows compiled, in this torch.compile mode (default: 'default'; "
                         "'reduce-overhead' also replays each step as CUDA graphs on a GPU); the hand rows stay "
                         "eager; compiling happens in the warm-up round")

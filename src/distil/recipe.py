@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from distil.errors import DistilError, RecipeError, did_you_mean
 
+COMPILE_MODES = ("default", "reduce-overhead")  # torch.compile's modes that `compile` takes (true = "default")
 # the strings pydantic reads as a bool
 _TRUE, _FALSE = {"true", "yes", "on", "1", "t", "y"}, {"false", "no", "off", "0", "f", "n"}
 
@@ -172,7 +173,7 @@ class Recipe(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 with loss scaling)
     # torch.compile each training step (student, teachers that run, loss terms) as one graph; "reduce-overhead"
     # also replays it as CUDA graphs on a GPU (for small models, whose steps are many small kernels)
-    compile: bool | Literal["default", "reduce-overhead"] = False
+    compile: bool | Literal[COMPILE_MODES] = False
     data: DataSection = Field(default_factory=DataSection)
     teacher: ModelSection = Field(default_factory=lambda: ModelSection(model="cnn1d"))
     student: ModelSection = Field(default_factory=ModelSection)
@@ -187,7 +188,7 @@ class Recipe(_Section):
     def _compile_mode(cls, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:  # "true", "no"...: as pydantic reads a bool
             return value.lower() in _TRUE
-        if value in (True, False, "default", "reduce-overhead"):
+        if value in (True, False, *COMPILE_MODES):
             return value
         raise ValueError("compile must be true, false, 'default' or 'reduce-overhead' (which also replays each step "
                          "as CUDA graphs on a GPU)")

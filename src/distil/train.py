@@ -30,12 +30,11 @@ from distil.data import Split
 from distil.device import autocast, check_precision, grad_scaler, resolve_device
 from distil.distiller import Task
 from distil.errors import ConfigError, DataError, NonFiniteLossError
-from distil.recipe import TrainConfig
+from distil.recipe import COMPILE_MODES, TrainConfig
 
 log = logging.getLogger(__name__)
 CHECK_EVERY = 50  # steps between reads of the non-finite flag (each read waits for the device)
 Augmenter = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-COMPILE_MODES = ("default", "reduce-overhead")  # torch.compile's modes that `compile` takes (True = "default")
 
 
 def compile_mode(compile: bool | str | None) -> str | None:
